@@ -1,0 +1,275 @@
+//! The inode table: the names the kernel knows, mapped to keys.
+//!
+//! An inode is a (parent, name) edge plus what we last learned about its object. Keys are never
+//! stored: they are derived by walking parents, so renaming a directory would re-key its whole
+//! subtree for free. The table is behind one `std::sync::Mutex` in `Filesystem` and is never
+//! held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::types::{FileKind, Ino, ROOT_INO};
+use crate::cache::LocalFile;
+
+/// What S3 last told us about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub size: u64,
+    pub etag: String,
+    pub mtime: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub parent: Ino,
+    pub name: String,
+    pub kind: FileKind,
+    /// The object in S3 (`None`: not uploaded yet, or a directory without a marker).
+    pub remote: Option<Remote>,
+    /// When `remote` (or the directory's existence) was last confirmed with S3.
+    pub validated: Instant,
+    /// Local data: present while the file is open for writing or not yet uploaded.
+    pub local: Option<Arc<LocalFile>>,
+    /// Kernel lookup count (`lookup` adds one, `forget` subtracts).
+    pub lookups: u64,
+    /// Open handles.
+    pub open_handles: u32,
+    /// chmod/chown/utimens results; kept in memory only (persisting them is a later change).
+    pub mode: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+    /// A directory's children by name (empty for files).
+    children: HashMap<String, Ino>,
+}
+
+impl Inode {
+    fn new(parent: Ino, name: String, kind: FileKind) -> Inode {
+        Inode {
+            parent,
+            name,
+            kind,
+            remote: None,
+            validated: Instant::now(),
+            local: None,
+            lookups: 0,
+            open_handles: 0,
+            mode: None,
+            uid: None,
+            gid: None,
+            mtime: None,
+            children: HashMap::new(),
+        }
+    }
+
+    /// An inode that must stay even when the kernel forgets it.
+    fn pinned(&self) -> bool {
+        self.lookups > 0 || self.open_handles > 0 || self.local.is_some()
+    }
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    inodes: HashMap<Ino, Inode>,
+    next_ino: Ino,
+}
+
+impl InodeTable {
+    pub fn new() -> InodeTable {
+        let mut inodes = HashMap::new();
+        let mut root = Inode::new(ROOT_INO, String::new(), FileKind::Directory);
+        root.lookups = 1; // the root is never forgotten
+        inodes.insert(ROOT_INO, root);
+        InodeTable { inodes, next_ino: ROOT_INO + 1 }
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Inode> {
+        self.inodes.get_mut(&ino)
+    }
+
+    pub fn child(&self, parent: Ino, name: &str) -> Option<Ino> {
+        self.inodes.get(&parent)?.children.get(name).copied()
+    }
+
+    /// The path of `ino` relative to the mount root (`a/b/c`; empty for the root).
+    pub fn path(&self, ino: Ino) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            let node = self.inodes.get(&cur)?;
+            parts.push(node.name.as_str());
+            cur = node.parent;
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+
+    /// The child `name` of `parent` with this kind: the existing inode when the kind matches,
+    /// else a new inode replacing the old edge.
+    pub fn upsert_child(&mut self, parent: Ino, name: &str, kind: FileKind) -> Ino {
+        if let Some(ino) = self.child(parent, name) {
+            if self.inodes.get(&ino).is_some_and(|n| n.kind == kind) {
+                return ino;
+            }
+            self.detach(parent, name);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.inodes.insert(ino, Inode::new(parent, name.to_string(), kind));
+        self.link(parent, name, ino);
+        ino
+    }
+
+    /// Remove the edge `parent/name`. The inode itself stays while the kernel or a handle still
+    /// refers to it (an unlinked open file), and is dropped otherwise.
+    pub fn detach(&mut self, parent: Ino, name: &str) -> Option<Ino> {
+        let ino = self.inodes.get_mut(&parent)?.children.remove(name)?;
+        self.collect(ino);
+        Some(ino)
+    }
+
+    fn link(&mut self, parent: Ino, name: &str, ino: Ino) {
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.children.insert(name.to_string(), ino);
+        }
+    }
+
+    /// Move `ino` to `new_parent/new_name`, replacing whatever edge was there.
+    pub fn rename(&mut self, ino: Ino, new_parent: Ino, new_name: &str) {
+        let Some(node) = self.inodes.get(&ino) else { return };
+        let (old_parent, old_name) = (node.parent, node.name.clone());
+        if let Some(p) = self.inodes.get_mut(&old_parent) {
+            p.children.remove(&old_name);
+        }
+        if self.child(new_parent, new_name) != Some(ino) {
+            self.detach(new_parent, new_name);
+        }
+        if let Some(node) = self.inodes.get_mut(&ino) {
+            node.parent = new_parent;
+            node.name = new_name.to_string();
+        }
+        self.link(new_parent, new_name, ino);
+    }
+
+    /// The kernel dropped `n` references.
+    pub fn forget(&mut self, ino: Ino, n: u64) {
+        let Some(node) = self.inodes.get_mut(&ino) else { return };
+        node.lookups = node.lookups.saturating_sub(n);
+        self.collect(ino);
+    }
+
+    /// Drop `ino` (and its unreferenced descendants) if nothing pins it. A directory with a
+    /// pinned descendant stays, so every pinned inode keeps a path.
+    pub fn collect(&mut self, ino: Ino) {
+        if ino == ROOT_INO || !self.collectable(ino) {
+            return;
+        }
+        let Some(node) = self.inodes.remove(&ino) else { return };
+        for child in node.children.into_values() {
+            self.collect_detached(child);
+        }
+        if let Some(p) = self.inodes.get_mut(&node.parent) {
+            if p.children.get(&node.name) == Some(&ino) {
+                p.children.remove(&node.name);
+            }
+        }
+    }
+
+    fn collectable(&self, ino: Ino) -> bool {
+        self.inodes.get(&ino).is_some_and(|n| {
+            !n.pinned() && n.children.values().all(|c| self.collectable(*c))
+        })
+    }
+
+    fn collect_detached(&mut self, ino: Ino) {
+        if let Some(node) = self.inodes.remove(&ino) {
+            for child in node.children.into_values() {
+                self.collect_detached(child);
+            }
+        }
+    }
+
+    /// Children of `parent` that exist only locally (created, not yet in S3).
+    pub fn local_only_children(&self, parent: Ino) -> Vec<(String, Ino, FileKind)> {
+        let Some(dir) = self.inodes.get(&parent) else { return Vec::new() };
+        dir.children
+            .iter()
+            .filter_map(|(name, ino)| {
+                let node = self.inodes.get(ino)?;
+                (node.local.is_some() && node.remote.is_none()).then(|| (name.clone(), *ino, node.kind))
+            })
+            .collect()
+    }
+
+    /// Every inode holding local data (for `sync_all`).
+    pub fn local_files(&self) -> Vec<(Ino, Arc<LocalFile>)> {
+        self.inodes
+            .iter()
+            .filter_map(|(ino, n)| n.local.as_ref().map(|l| (*ino, l.clone())))
+            .collect()
+    }
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_parents_and_renames() {
+        let mut t = InodeTable::new();
+        let a = t.upsert_child(ROOT_INO, "a", FileKind::Directory);
+        let b = t.upsert_child(a, "b", FileKind::File);
+        assert_eq!(t.path(b).unwrap(), "a/b");
+        assert_eq!(t.upsert_child(a, "b", FileKind::File), b, "same kind reuses the inode");
+        let c = t.upsert_child(ROOT_INO, "c", FileKind::Directory);
+        t.get_mut(b).unwrap().lookups = 1;
+        t.rename(b, c, "d");
+        assert_eq!(t.path(b).unwrap(), "c/d");
+        assert_eq!(t.child(a, "b"), None);
+        assert_eq!(t.child(c, "d"), Some(b));
+    }
+
+    #[test]
+    fn kind_change_makes_a_new_inode() {
+        let mut t = InodeTable::new();
+        let f = t.upsert_child(ROOT_INO, "x", FileKind::File);
+        let d = t.upsert_child(ROOT_INO, "x", FileKind::Directory);
+        assert_ne!(f, d);
+        assert_eq!(t.child(ROOT_INO, "x"), Some(d));
+    }
+
+    #[test]
+    fn forget_drops_unreferenced_inodes() {
+        let mut t = InodeTable::new();
+        let f = t.upsert_child(ROOT_INO, "x", FileKind::File);
+        t.get_mut(f).unwrap().lookups = 2;
+        t.forget(f, 1);
+        assert!(t.get(f).is_some());
+        t.forget(f, 1);
+        assert!(t.get(f).is_none());
+        assert_eq!(t.child(ROOT_INO, "x"), None);
+    }
+
+    #[test]
+    fn detached_open_file_survives_until_released() {
+        let mut t = InodeTable::new();
+        let f = t.upsert_child(ROOT_INO, "x", FileKind::File);
+        t.get_mut(f).unwrap().open_handles = 1;
+        t.detach(ROOT_INO, "x");
+        assert!(t.get(f).is_some());
+        t.get_mut(f).unwrap().open_handles = 0;
+        t.collect(f);
+        assert!(t.get(f).is_none());
+    }
+}

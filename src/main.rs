@@ -1,0 +1,115 @@
+//! The `bucketfs` binary: parse flags, set up logging, mount, serve, drain, unmount.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use bucketfs::cli::{Cli, Command, MountArgs};
+use bucketfs::config::Config;
+use bucketfs::mount::{self, StartError};
+
+/// Set in the environment of the detached child that `--daemon` starts.
+const DAEMON_CHILD_ENV: &str = "BUCKETFS_DAEMON_CHILD";
+/// What the detached child prints on stdout once the mount answers.
+const READY_LINE: &str = "bucketfs-ready";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount(args) => run_mount(args),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("bucketfs: error: {message}");
+    ExitCode::FAILURE
+}
+
+fn run_mount(args: MountArgs) -> ExitCode {
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    init_logging(&config.log_level);
+    if config.daemon && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
+        return detach();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(e),
+    }
+}
+
+async fn serve(config: Config) -> Result<bool, StartError> {
+    mount::check_mountpoint(&config.mountpoint)?;
+    let store = mount::open_store(&config).await?;
+    let mounted = mount::mount(&config, store, tokio::runtime::Handle::current())?;
+    if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
+        announce_ready(&config);
+    }
+    mounted.wait().await;
+    Ok(mounted.shutdown().await)
+}
+
+/// In the detached child: once the mount answers, tell the parent and let go of its pipe.
+fn announce_ready(config: &Config) {
+    if let Err(e) = std::fs::metadata(&config.mountpoint) {
+        tracing::warn!("the new mount does not answer yet: {e}");
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY_LINE}");
+    let _ = out.flush();
+    // Point stdout at /dev/null so the parent sees EOF and nothing blocks on a closed pipe.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 with a valid open descriptor; no Rust object owns fd 1's state.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// `--daemon`: run the same command as a detached child and return once it reports the mount
+/// live (exit 0), or with its failure.
+fn detach() -> ExitCode {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find own executable: {e}")),
+    };
+    let mut child = match std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the daemon: {e}")),
+    };
+    let ready = child.stdout.take().is_some_and(|out| {
+        std::io::BufReader::new(out).lines().map_while(Result::ok).any(|l| l == READY_LINE)
+    });
+    if ready {
+        return ExitCode::SUCCESS;
+    }
+    // The child failed before the mount was live; its stderr already holds the reason.
+    match child.wait() {
+        Ok(status) if status.success() => fail("the daemon exited before the mount was live"),
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => fail(format!("waiting for the daemon: {e}")),
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+}

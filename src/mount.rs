@@ -1,0 +1,161 @@
+//! Wiring for the binary: check the source, build the store and the core, mount, serve until
+//! unmounted or signalled, then flush and unmount.
+//!
+//! Everything that can fail at start (a missing mount point, an unreachable endpoint, a wrong
+//! key, a missing bucket) fails here, before anything is mounted, with a one-line reason.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, Source};
+use crate::fs::Filesystem;
+use crate::fuse::FuseAdapter;
+use crate::store::{DirStore, ObjectStore, S3Store, StoreError};
+
+/// How long the start-up check may take before the endpoint counts as unreachable.
+const ACCESS_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the serve loop checks whether the mount was removed from outside (`umount`).
+const SESSION_POLL: Duration = Duration::from_millis(200);
+
+/// A start-up failure: printed as one line, exit status 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// Build the store for `config.source` and check that it is usable.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartError> {
+    let store: Arc<dyn ObjectStore> = match &config.source {
+        Source::S3 { bucket, .. } => {
+            let store = S3Store::new(config.s3.store_config(bucket))
+                .await
+                .map_err(|e| StartError(format!("cannot set up the S3 client: {e}")))?;
+            Arc::new(store)
+        }
+        Source::Dir { path } => Arc::new(
+            DirStore::open(path)
+                .map_err(|e| StartError(format!("cannot open {}: {e}", path.display())))?,
+        ),
+    };
+    let what = store.describe();
+    match tokio::time::timeout(ACCESS_CHECK_TIMEOUT, store.check_access()).await {
+        Ok(Ok(())) => Ok(store),
+        Ok(Err(StoreError::NoSuchBucket(b))) => Err(StartError(format!("bucket {b:?} does not exist ({what})"))),
+        Ok(Err(e @ StoreError::PermissionDenied(_))) => {
+            Err(StartError(format!("{what}: {e} (check S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY)")))
+        }
+        Ok(Err(e)) => Err(StartError(format!("{what}: {e}"))),
+        Err(_) => Err(StartError(format!(
+            "{what}: no answer within {}s (is the endpoint reachable?)",
+            ACCESS_CHECK_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Refuse mount points that do not exist, are not directories, or are dead FUSE mounts.
+pub fn check_mountpoint(path: &Path) -> Result<(), StartError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(StartError(format!("mount point {} is not a directory", path.display()))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(StartError(format!(
+            "mount point {} is a dead FUSE mount (its daemon died): run `umount -l {}` first",
+            path.display(),
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(StartError(format!("mount point {} does not exist", path.display())))
+        }
+        Err(e) => Err(StartError(format!("mount point {}: {e}", path.display()))),
+    }
+}
+
+/// A live mount: the FUSE session thread plus the core it serves.
+pub struct Mounted {
+    pub fs: Arc<Filesystem>,
+    session: fuser::BackgroundSession,
+}
+
+/// Mount `config` (store already opened and checked). Returns once the kernel has the mount.
+pub fn mount(config: &Config, store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) -> Result<Mounted, StartError> {
+    let fs = Filesystem::new(store, config.source.prefix().to_string(), config.fs.clone()).map_err(|e| {
+        StartError(format!("cannot create the cache directory {}: {e}", config.cache_dir().display()))
+    })?;
+    let fs = Arc::new(fs);
+    let mut options = vec![
+        fuser::MountOption::FSName(config.source.url()),
+        fuser::MountOption::Subtype("bucketfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoAtime,
+    ];
+    if config.fs.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    // Handlers only spawn onto tokio, so a few threads keep the kernel queue drained.
+    fuse_config.n_threads = Some(4);
+    fuse_config.clone_fd = true;
+    let adapter = FuseAdapter::new(fs.clone(), runtime);
+    let session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
+        .and_then(|s| s.spawn())
+        .map_err(|e| StartError(format!("cannot mount at {}: {e}", config.mountpoint.display())))?;
+    tracing::info!(source = %config.source.url(), mountpoint = %config.mountpoint.display(), "mounted");
+    Ok(Mounted { fs, session })
+}
+
+/// Why `serve` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Signal,
+    Unmounted,
+}
+
+impl Mounted {
+    /// Wait for SIGTERM/SIGINT or for the mount to be removed from outside.
+    pub async fn wait(&self) -> Stop {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; serving until unmounted");
+            return self.wait_unmounted().await;
+        };
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: flushing and unmounting"); Stop::Signal }
+            _ = int.recv() => { tracing::info!("SIGINT: flushing and unmounting"); Stop::Signal }
+            stop = self.wait_unmounted() => stop,
+        }
+    }
+
+    async fn wait_unmounted(&self) -> Stop {
+        while !self.session.guard.is_finished() {
+            tokio::time::sleep(SESSION_POLL).await;
+        }
+        tracing::info!("unmounted from outside");
+        Stop::Unmounted
+    }
+
+    /// Upload everything pending, then unmount. Returns whether all data reached the store.
+    pub async fn shutdown(self) -> bool {
+        let synced = match self.fs.sync_all().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("not every file could be uploaded; their data stays in the cache: {e}");
+                false
+            }
+        };
+        let session = self.session;
+        let unmounted = tokio::task::spawn_blocking(move || {
+            // Unmounted from outside: the session has ended, only the thread remains to join.
+            if session.guard.is_finished() { session.join() } else { session.umount_and_join() }
+        })
+        .await;
+        match unmounted {
+            Ok(Ok(())) => tracing::info!("unmounted"),
+            Ok(Err(e)) => tracing::warn!("unmount: {e}"),
+            Err(e) => tracing::warn!("unmount task: {e}"),
+        }
+        synced
+    }
+}

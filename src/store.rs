@@ -1,0 +1,293 @@
+//! The object store seam (DESIGN.md §3).
+//!
+//! Everything above this module speaks to a bucket only through [`ObjectStore`]: a small async
+//! trait shaped after S3's own operations, with multipart uploads addressed by upload id so the
+//! write-back journal can resume one after a crash. Three implementations live beside it:
+//! [`S3Store`] (aws-sdk-s3; the only file that sees SDK types), [`DirStore`] (a local directory
+//! used as a bucket: the embedded default behind `file://` sources) and [`MemoryStore`] (unit
+//! tests). [`conformance`] is one suite of async checks that every implementation passes, which
+//! is what lets the fast in-memory store stand in for S3 in core tests.
+//!
+//! Errors are one semantic enum, [`StoreError`]; each implementation maps its own failures onto
+//! it in one place, and `crate::error` maps it onto errno.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod conformance;
+mod dir;
+mod memory;
+mod s3;
+
+pub use dir::DirStore;
+pub use memory::MemoryStore;
+pub use s3::{AddressingStyle, S3Config, S3Store};
+
+/// S3 refuses multipart uploads with more parts than this.
+pub const MAX_PARTS: u32 = 10_000;
+/// S3's smallest part size (every part but the last must be at least this big).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What went wrong, in terms the filesystem can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The key (or multipart upload id) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The bucket itself does not exist.
+    #[error("bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    /// An `If-Match` / `If-None-Match` condition was not met.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    /// The server asked us to slow down (HTTP 429/503 SlowDown).
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// Credentials missing, wrong or lacking permission. The message never holds a secret.
+    #[error("access denied: {0}")]
+    PermissionDenied(String),
+    /// Network failure, timeout or server-side 5xx: worth retrying.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// A request the store refuses (bad argument, unsupported feature).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Throttled(_) | StoreError::Transient(_))
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound(_))
+    }
+}
+
+/// User metadata (`x-amz-meta-NAME`), keyed by NAME in lower case.
+pub type Metadata = BTreeMap<String, String>;
+
+/// One object as listed or HEADed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    /// The ETag without surrounding quotes (`md5hex`, or `md5hex-N` for multipart uploads).
+    pub etag: String,
+    pub last_modified: SystemTime,
+    /// User metadata. Filled by `head`; listings do not carry it and leave it empty.
+    pub metadata: Metadata,
+}
+
+/// One page of a ListObjectsV2-style listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Objects directly matching (with a delimiter: those not rolled up into a prefix).
+    pub objects: Vec<ObjectMeta>,
+    /// Common prefixes, each ending with the delimiter.
+    pub prefixes: Vec<String>,
+    /// Continuation token for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// A request for one page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest<'a> {
+    pub prefix: &'a str,
+    pub delimiter: Option<&'a str>,
+    pub continuation: Option<String>,
+    /// At most this many objects + prefixes (`None`: the store's page size, 1,000 on S3).
+    pub max_keys: Option<u32>,
+}
+
+/// A write condition (S3 conditional writes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Condition {
+    #[default]
+    None,
+    /// `If-None-Match: *`: only create, never replace.
+    IfNoneMatch,
+    /// `If-Match: etag`: only replace this exact version.
+    IfMatch(String),
+}
+
+/// Options of a whole-object write (`put`, `complete_multipart`, `create_multipart`).
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    pub condition: Condition,
+    pub metadata: Metadata,
+}
+
+/// The bytes of a write: in memory, or a range of a local file (the cache file; streamed, never
+/// read whole into memory).
+#[derive(Clone)]
+pub enum Body {
+    Bytes(Bytes),
+    File { path: PathBuf, offset: u64, len: u64 },
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Read the whole body into memory (for stores that keep objects in memory).
+    pub async fn into_bytes(self) -> std::io::Result<Bytes> {
+        match self {
+            Body::Bytes(b) => Ok(b),
+            Body::File { path, offset, len } => {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let mut f = tokio::fs::File::open(&path).await?;
+                f.seek(std::io::SeekFrom::Start(offset)).await?;
+                let mut buf = Vec::with_capacity(len as usize);
+                f.take(len).read_to_end(&mut buf).await?;
+                if (buf.len() as u64) < len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} is shorter than {} bytes", path.display(), offset + len),
+                    ));
+                }
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Body::Bytes(b) => write!(f, "Body::Bytes({} bytes)", b.len()),
+            Body::File { path, offset, len } => {
+                write!(f, "Body::File({}, {offset}+{len})", path.display())
+            }
+        }
+    }
+}
+
+/// A finished part, as recorded by the uploader and sent to `complete_multipart`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedPart {
+    /// 1-based part number.
+    pub number: u32,
+    pub etag: String,
+}
+
+/// A part as reported by `list_parts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartInfo {
+    pub number: u32,
+    pub etag: String,
+    pub size: u64,
+}
+
+/// An unfinished multipart upload, as reported by `list_multipart_uploads`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultipartUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: SystemTime,
+}
+
+/// A bucket, seen through S3's data operations.
+///
+/// Keys are full object keys (the mount's prefix already applied). ETags are returned without
+/// quotes. Every method is safe to call concurrently.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
+    /// A short description for logs (`s3://bucket`, `file:///path`); never holds a secret.
+    fn describe(&self) -> String;
+
+    /// Check that the bucket exists and the credentials may use it (run once at mount).
+    async fn check_access(&self) -> Result<()>;
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta>;
+
+    /// The bytes of `range` (clamped to the object's size; a range starting at or past the end
+    /// reads as empty). With `if_match`, fails with `PreconditionFailed` if the object's ETag
+    /// differs, so reads of one open file never mix two versions.
+    async fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>)
+    -> Result<Bytes>;
+
+    async fn list(&self, request: ListRequest<'_>) -> Result<ListPage>;
+
+    /// Write a whole object; returns its ETag.
+    async fn put(&self, key: &str, body: Body, options: &PutOptions) -> Result<String>;
+
+    /// Server-side copy. `metadata: None` keeps the source's metadata, `Some` replaces it.
+    async fn copy(&self, from: &str, to: &str, metadata: Option<&Metadata>) -> Result<String>;
+
+    /// Delete a key; deleting a missing key succeeds (as on S3).
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Start a multipart upload; returns its upload id. The condition is checked at completion.
+    async fn create_multipart(&self, key: &str, options: &PutOptions) -> Result<String>;
+
+    /// Upload part `number` (1-based); returns the part's ETag.
+    async fn upload_part(&self, key: &str, upload_id: &str, number: u32, body: Body)
+    -> Result<String>;
+
+    /// Make part `number` a server-side copy of `range` of object `from`; returns its ETag.
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        from: &str,
+        range: Range<u64>,
+    ) -> Result<String>;
+
+    /// Assemble the parts into the object; returns the object's ETag.
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+        condition: &Condition,
+    ) -> Result<String>;
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
+
+    /// The parts uploaded so far, in part-number order.
+    async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<PartInfo>>;
+
+    /// Unfinished multipart uploads whose keys start with `prefix`.
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<MultipartUpload>>;
+}
+
+/// The ETag S3 gives a multipart object: MD5 of the concatenated binary part MD5s, `-N`.
+pub fn multipart_etag<'a>(part_etags: impl IntoIterator<Item = &'a str>) -> String {
+    use md5::{Digest, Md5};
+    let mut hasher = Md5::new();
+    let mut count = 0;
+    for etag in part_etags {
+        let raw = hex::decode(etag.trim_matches('"')).unwrap_or_default();
+        hasher.update(&raw);
+        count += 1;
+    }
+    format!("{}-{count}", hex::encode(hasher.finalize()))
+}
+
+/// MD5 hex of a byte slice: the ETag of a single-part object.
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(data))
+}
