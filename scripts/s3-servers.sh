@@ -63,7 +63,7 @@ free_port_pair() {
 
 wait_http() { # URL SECONDS
   local deadline=$(( $(date +%s) + $2 ))
-  until curl -s -o /dev/null "$1"; do
+  until curl -s -m 2 -o /dev/null "$1"; do
     [ "$(date +%s)" -lt "$deadline" ] || return 1
     sleep 0.3
   done
@@ -79,12 +79,13 @@ JSON
   local master volume filer s3
   master=$(free_port_pair); volume=$(free_port_pair); filer=$(free_port_pair); s3=$(free_port_pair)
   log "starting SeaweedFS (S3 on 127.0.0.1:$s3)"
-  setsid "$SEAWEED_VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  # `setsid bash -c 'echo $$ >pid; exec …'`: the recorded pid is the server itself, leading its
+  # own process group, whatever setsid does about forking.
+  setsid bash -c 'echo $$ > "$0"; exec "$@"' "$dir/pid" "$SEAWEED_VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -s3.config="$dir/identities.json" -s3.allowDeleteBucketNotEmpty=false \
     -s3.autoCreateBucket=false -webdav=false -admin.ui=false -s3.port.iceberg=0 \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" -s3.port="$s3" \
-    >"$dir/log" 2>&1 &
-  echo $! > "$dir/pid"
+    </dev/null >"$dir/log" 2>&1 &
   wait_http "http://127.0.0.1:$s3/" 60 || { log "SeaweedFS did not start; log:"; tail -20 "$dir/log" >&2; return 1; }
   # The S3 port answers before the filer is ready to create buckets: the test harness
   # creates its buckets with retries, so readiness here is the port answering.
@@ -101,10 +102,12 @@ start_localstack() {
   log "starting LocalStack (S3 on 127.0.0.1:$port)"
   ( cd "$dir" && env -u AWS_CA_BUNDLE GATEWAY_SERVER=hypercorn GATEWAY_LISTEN="127.0.0.1:$port" SERVICES=s3 \
       EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 \
-      LOCALSTACK_VOLUME_DIR="$dir/vol" setsid "$LOCALSTACK_VENV/bin/python" -m localstack.runtime.main \
-      >"$dir/log" 2>&1 & echo $! > "$dir/pid" )
+      LOCALSTACK_VOLUME_DIR="$dir/vol" setsid bash -c 'echo $$ > "$0"; exec "$@"' "$dir/pid" \
+      "$LOCALSTACK_VENV/bin/python" -m localstack.runtime.main </dev/null >"$dir/log" 2>&1 & )
   local deadline=$(( $(date +%s) + 120 ))
-  until curl -s "http://127.0.0.1:$port/" 2>/dev/null | grep -q ListAllMyBucketsResult; do
+  # Ready when S3 answers ListBuckets (any signature will do: LocalStack checks none).
+  until curl -s -m 2 -H "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0" \
+      "http://127.0.0.1:$port/" 2>/dev/null | grep -q ListAllMyBucketsResult; do
     if [ "$(date +%s)" -ge "$deadline" ]; then log "LocalStack did not start; log:"; tail -30 "$dir/log" >&2; return 1; fi
     sleep 0.5
   done

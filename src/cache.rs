@@ -27,8 +27,14 @@ impl Cache {
     /// Open (creating, mode 0700) the cache directory `dir`.
     pub fn open(dir: &Path) -> io::Result<Cache> {
         let staging = dir.join("staging");
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&staging)?;
-        Ok(Cache { staging, next_id: AtomicU64::new(1) })
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&staging)?;
+        Ok(Cache {
+            staging,
+            next_id: AtomicU64::new(1),
+        })
     }
 
     /// A new, empty local file.
@@ -36,8 +42,12 @@ impl Cache {
         // Names are unique per process start (pid + time) and per file (counter), so files left
         // behind by an earlier daemon are never reused.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let path = self.staging.join(format!("{}-{}-{id}", std::process::id(), stamp.as_nanos()));
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let path = self
+            .staging
+            .join(format!("{}-{}-{id}", std::process::id(), stamp.as_nanos()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -113,7 +123,10 @@ impl LocalFile {
 
     pub fn snapshot(&self) -> Snapshot {
         let s = self.state();
-        Snapshot { size: s.size, generation: s.generation }
+        Snapshot {
+            size: s.size,
+            generation: s.generation,
+        }
     }
 
     /// Record that `snapshot` is in S3; returns false if the file changed since (still dirty).

@@ -130,7 +130,11 @@ pub struct MountOptions {
 #[command(next_help_heading = "Cache and uploads")]
 pub struct CacheArgs {
     /// Directory for the local cache (one subdirectory per mount).
-    #[arg(long, env = "BUCKETFS_CACHE_DIR", default_value = "/var/cache/bucketfs")]
+    #[arg(
+        long,
+        env = "BUCKETFS_CACHE_DIR",
+        default_value = "/var/cache/bucketfs"
+    )]
     pub cache_dir: PathBuf,
 
     /// Part size of multipart uploads (e.g. 8MiB). Files at least this big are uploaded in
@@ -155,8 +159,7 @@ pub struct LogArgs {
 /// Parse an octal permission mode such as `0644` or `755`.
 pub fn parse_mode(s: &str) -> Result<u16, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    let mode =
-        u16::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode"))?;
+    let mode = u16::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode"))?;
     if mode > 0o7777 {
         return Err(format!("{s:?} has bits beyond 07777"));
     }
@@ -178,7 +181,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 40,
         _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
     };
-    number.checked_shl(shift).filter(|v| v >> shift == number).ok_or_else(|| format!("{s:?} is too large"))
+    number
+        .checked_shl(shift)
+        .filter(|v| v >> shift == number)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parse a duration such as `1s`, `500ms` or `2m`.

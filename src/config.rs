@@ -27,16 +27,25 @@ impl Source {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("{url:?}: no bucket name (expected s3://BUCKET[/PREFIX])"));
+                return Err(format!(
+                    "{url:?}: no bucket name (expected s3://BUCKET[/PREFIX])"
+                ));
             }
-            Ok(Source::S3 { bucket: bucket.to_string(), prefix: normalize_prefix(prefix) })
+            Ok(Source::S3 {
+                bucket: bucket.to_string(),
+                prefix: normalize_prefix(prefix),
+            })
         } else if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(format!("{url:?}: expected an absolute path, file:///PATH"));
             }
-            Ok(Source::Dir { path: PathBuf::from(path) })
+            Ok(Source::Dir {
+                path: PathBuf::from(path),
+            })
         } else {
-            Err(format!("{url:?}: expected s3://BUCKET[/PREFIX] or file:///PATH"))
+            Err(format!(
+                "{url:?}: expected s3://BUCKET[/PREFIX] or file:///PATH"
+            ))
         }
     }
 
@@ -105,7 +114,9 @@ pub struct Config {
 impl Config {
     /// Resolve parsed flags plus the environment into a `Config`.
     pub fn from_args(args: &MountArgs) -> Result<Config, String> {
-        Self::resolve(args, |name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        Self::resolve(args, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
     }
 
     /// As `from_args`, with the environment given as a lookup function (for tests).
@@ -122,7 +133,11 @@ impl Config {
         };
         let mountpoint = mountpoint.unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNTPOINT));
         let s3 = S3Settings {
-            endpoint_url: args.s3.endpoint_url.clone().or_else(|| env("AWS_ENDPOINT_URL")),
+            endpoint_url: args
+                .s3
+                .endpoint_url
+                .clone()
+                .or_else(|| env("AWS_ENDPOINT_URL")),
             region: args.s3.region.clone().or_else(|| env("AWS_REGION")),
             addressing_style: args.s3.addressing_style,
             access_key_id: env("S3_ACCESS_KEY_ID"),
@@ -176,18 +191,32 @@ impl Config {
     /// A stable name for this mount's cache subdirectory: the same source and endpoint always
     /// find the same cache (which is what lets a restarted daemon resume its uploads).
     pub fn mount_id(&self) -> String {
-        let identity = format!("{}\n{}", self.source.url(), self.s3.endpoint_url.as_deref().unwrap_or(""));
+        let identity = format!(
+            "{}\n{}",
+            self.source.url(),
+            self.s3.endpoint_url.as_deref().unwrap_or("")
+        );
         let name: String = match &self.source {
             Source::S3 { bucket, .. } => bucket.clone(),
-            Source::Dir { path } => {
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            }
+            Source::Dir { path } => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
-        format!("{name}-{}", &crate::store::md5_hex(identity.as_bytes())[..12])
+        format!(
+            "{name}-{}",
+            &crate::store::md5_hex(identity.as_bytes())[..12]
+        )
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -204,8 +233,14 @@ mod tests {
     fn parse(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
         let mut full = vec!["bucketfs", "mount"];
         full.extend_from_slice(argv);
-        let Command::Mount(args) = Cli::try_parse_from(full).map_err(|e| e.to_string())?.command;
-        Config::resolve(&args, |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+        let Command::Mount(args) = Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .command;
+        Config::resolve(&args, |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
     }
 
     /// The Open WebUI provider's `os.path.join(S3_KEY_PREFIX or "", name)`, as a table.
@@ -218,7 +253,11 @@ mod tests {
             ("", "f.txt", "f.txt"),
             ("owui", "a b#%+&?ü漢.pdf", "owui/a b#%+&?ü漢.pdf"),
         ] {
-            assert_eq!(format!("{}{name}", normalize_prefix(prefix)), key, "prefix {prefix:?}");
+            assert_eq!(
+                format!("{}{name}", normalize_prefix(prefix)),
+                key,
+                "prefix {prefix:?}"
+            );
         }
     }
 
@@ -226,15 +265,23 @@ mod tests {
     fn sources() {
         assert_eq!(
             Source::parse("s3://b/owui").unwrap(),
-            Source::S3 { bucket: "b".into(), prefix: "owui/".into() }
+            Source::S3 {
+                bucket: "b".into(),
+                prefix: "owui/".into()
+            }
         );
         assert_eq!(
             Source::parse("s3://b").unwrap(),
-            Source::S3 { bucket: "b".into(), prefix: String::new() }
+            Source::S3 {
+                bucket: "b".into(),
+                prefix: String::new()
+            }
         );
         assert_eq!(
             Source::parse("file:///var/lib/x").unwrap(),
-            Source::Dir { path: "/var/lib/x".into() }
+            Source::Dir {
+                path: "/var/lib/x".into()
+            }
         );
         assert!(Source::parse("s3://").is_err());
         assert!(Source::parse("file://relative").is_err());
@@ -244,15 +291,29 @@ mod tests {
     #[test]
     fn source_and_mountpoint_from_positionals_and_env() {
         let c = parse(&["s3://b/p", "/mnt/x"], &[]).unwrap();
-        assert_eq!(c.source, Source::S3 { bucket: "b".into(), prefix: "p/".into() });
+        assert_eq!(
+            c.source,
+            Source::S3 {
+                bucket: "b".into(),
+                prefix: "p/".into()
+            }
+        );
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/x"));
 
         // Only a mount point: the bucket comes from S3_BUCKET_NAME (clap reads it).
-        let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount", "/mnt/y"]).unwrap().command;
+        let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount", "/mnt/y"])
+            .unwrap()
+            .command;
         args.s3.bucket = Some("envbucket".into());
         args.s3.key_prefix = Some("owui".into());
         let c = Config::resolve(&args, |_| None).unwrap();
-        assert_eq!(c.source, Source::S3 { bucket: "envbucket".into(), prefix: "owui/".into() });
+        assert_eq!(
+            c.source,
+            Source::S3 {
+                bucket: "envbucket".into(),
+                prefix: "owui/".into()
+            }
+        );
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/y"));
 
         let Command::Mount(args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command;
@@ -277,7 +338,11 @@ mod tests {
         assert_eq!(c.s3.access_key_id.as_deref(), Some("AK"));
         assert_eq!(c.s3.secret_access_key.as_deref(), Some("SK"));
         assert_eq!(c.s3.region.as_deref(), Some("eu-west-1"));
-        let c = parse(&["s3://b", "/m", "--endpoint-url", "http://h:1"], &[("AWS_ENDPOINT_URL", "http://x")]).unwrap();
+        let c = parse(
+            &["s3://b", "/m", "--endpoint-url", "http://h:1"],
+            &[("AWS_ENDPOINT_URL", "http://x")],
+        )
+        .unwrap();
         assert_eq!(c.s3.endpoint_url.as_deref(), Some("http://h:1"));
     }
 
@@ -293,6 +358,10 @@ mod tests {
 
     #[test]
     fn part_size_below_s3_minimum_is_refused() {
-        assert!(parse(&["s3://b", "/m", "--part-size", "1MiB"], &[]).unwrap_err().contains("5MiB"));
+        assert!(
+            parse(&["s3://b", "/m", "--part-size", "1MiB"], &[])
+                .unwrap_err()
+                .contains("5MiB")
+        );
     }
 }

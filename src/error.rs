@@ -22,12 +22,20 @@ pub struct FsError {
 impl FsError {
     /// A routine errno (`ENOENT`, `EEXIST`, `ENOTEMPTY`…): logged at `debug`.
     pub fn errno(errno: i32) -> Self {
-        FsError { errno, level: Level::DEBUG, message: errno_name(errno).to_string() }
+        FsError {
+            errno,
+            level: Level::DEBUG,
+            message: errno_name(errno).to_string(),
+        }
     }
 
     /// An errno with an explanation worth a `warn` line.
     pub fn with_message(errno: i32, message: impl Into<String>) -> Self {
-        FsError { errno, level: Level::WARN, message: message.into() }
+        FsError {
+            errno,
+            level: Level::WARN,
+            message: message.into(),
+        }
     }
 
     pub fn not_found() -> Self {
@@ -110,13 +118,22 @@ mod tests {
 
     #[test]
     fn store_errors_map_to_errno() {
-        assert_eq!(FsError::from(StoreError::NotFound("k".into())).errno_value(), libc::ENOENT);
-        assert_eq!(FsError::from(StoreError::NotFound("k".into())).level(), Level::DEBUG);
+        assert_eq!(
+            FsError::from(StoreError::NotFound("k".into())).errno_value(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            FsError::from(StoreError::NotFound("k".into())).level(),
+            Level::DEBUG
+        );
         assert_eq!(
             FsError::from(StoreError::PreconditionFailed("k".into())).errno_value(),
             libc::ESTALE
         );
-        assert_eq!(FsError::from(StoreError::Transient("x".into())).errno_value(), libc::EIO);
+        assert_eq!(
+            FsError::from(StoreError::Transient("x".into())).errno_value(),
+            libc::EIO
+        );
         assert_eq!(
             FsError::from(StoreError::PermissionDenied("x".into())).errno_value(),
             libc::EACCES

@@ -42,9 +42,17 @@ const DOWNLOAD_CHUNK: u64 = 8 << 20;
 /// An open file or directory.
 enum Handle {
     /// Reads from S3 (the file has no local data).
-    Remote { ino: Ino, reader: Arc<tokio::sync::Mutex<Reader>> },
+    Remote {
+        ino: Ino,
+        reader: Arc<tokio::sync::Mutex<Reader>>,
+    },
     /// Reads and writes the local data file.
-    Local { ino: Ino, file: Arc<LocalFile>, append: bool, write: bool },
+    Local {
+        ino: Ino,
+        file: Arc<LocalFile>,
+        append: bool,
+        write: bool,
+    },
     /// A directory listing, snapshotted at `opendir`.
     Dir { entries: Arc<Vec<DirEntry>> },
 }
@@ -66,7 +74,10 @@ pub struct Filesystem {
 
 impl std::fmt::Debug for Filesystem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Filesystem").field("store", &self.store).field("prefix", &self.prefix).finish()
+        f.debug_struct("Filesystem")
+            .field("store", &self.store)
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -83,7 +94,11 @@ fn check_name(name: &str) -> FsResult<()> {
 
 impl Filesystem {
     /// A filesystem over `store`, with every key under `prefix` (empty, or ending in `/`).
-    pub fn new(store: Arc<dyn ObjectStore>, prefix: String, config: FsConfig) -> std::io::Result<Self> {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        config: FsConfig,
+    ) -> std::io::Result<Self> {
         let cache = Cache::open(&config.cache_dir)?;
         let uploader = Uploader::new(store.clone(), config.part_size, config.upload_concurrency);
         Ok(Filesystem {
@@ -113,7 +128,11 @@ impl Filesystem {
     }
 
     fn writable(&self) -> FsResult<()> {
-        if self.config.read_only { Err(FsError::errno(libc::EROFS)) } else { Ok(()) }
+        if self.config.read_only {
+            Err(FsError::errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
     }
 
     /// The object key of file `path`, or the key prefix of directory `path` (ends with `/`).
@@ -130,7 +149,11 @@ impl Filesystem {
     }
 
     fn child_path(parent_path: &str, name: &str) -> String {
-        if parent_path.is_empty() { name.to_string() } else { format!("{parent_path}/{name}") }
+        if parent_path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{parent_path}/{name}")
+        }
     }
 
     fn attr_of(&self, table: &InodeTable, ino: Ino) -> FsResult<Attr> {
@@ -147,7 +170,11 @@ impl Filesystem {
         Ok(Attr {
             ino,
             kind: node.kind,
-            size: if node.kind == FileKind::Directory { 0 } else { size },
+            size: if node.kind == FileKind::Directory {
+                0
+            } else {
+                size
+            },
             mtime: node.mtime.unwrap_or(mtime),
             perm: node.mode.unwrap_or(default_perm),
             uid: node.uid.unwrap_or(self.config.uid),
@@ -156,7 +183,10 @@ impl Filesystem {
     }
 
     fn entry(&self, table: &InodeTable, ino: Ino) -> FsResult<Entry> {
-        Ok(Entry { attr: self.attr_of(table, ino)?, ttl: self.config.metadata_ttl })
+        Ok(Entry {
+            attr: self.attr_of(table, ino)?,
+            ttl: self.config.metadata_ttl,
+        })
     }
 
     fn is_fresh(&self, validated: Instant) -> bool {
@@ -187,7 +217,12 @@ impl Filesystem {
         let path = Self::child_path(&parent_path, name);
         let file_key = self.key(&path, FileKind::File);
         let dir_key = self.key(&path, FileKind::Directory);
-        let listing = ListRequest { prefix: &dir_key, delimiter: Some("/"), continuation: None, max_keys: Some(1) };
+        let listing = ListRequest {
+            prefix: &dir_key,
+            delimiter: Some("/"),
+            continuation: None,
+            max_keys: Some(1),
+        };
         let (head, list) = tokio::join!(self.store.head(&file_key), self.store.list(listing));
         let list = list?;
         let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
@@ -203,7 +238,10 @@ impl Filesystem {
         let mut table = self.table();
         if is_dir {
             if head.is_some() {
-                self.warn_once(&file_key, "is both an object and a prefix; the directory is shown");
+                self.warn_once(
+                    &file_key,
+                    "is both an object and a prefix; the directory is shown",
+                );
             }
             let ino = table.upsert_child(parent, name, FileKind::Directory);
             if let Some(node) = table.get_mut(ino) {
@@ -213,7 +251,11 @@ impl Filesystem {
         } else if let Some(meta) = head {
             let ino = table.upsert_child(parent, name, FileKind::File);
             if let Some(node) = table.get_mut(ino) {
-                node.remote = Some(Remote { size: meta.size, etag: meta.etag, mtime: meta.last_modified });
+                node.remote = Some(Remote {
+                    size: meta.size,
+                    etag: meta.etag,
+                    mtime: meta.last_modified,
+                });
                 node.validated = Instant::now();
             }
             Ok(ino)
@@ -257,7 +299,8 @@ impl Filesystem {
         let refresh = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if node.kind == FileKind::File && node.local.is_none() && !self.is_fresh(node.validated) {
+            if node.kind == FileKind::File && node.local.is_none() && !self.is_fresh(node.validated)
+            {
                 Some(self.key(&Self::path_of(&table, ino)?, FileKind::File))
             } else {
                 return self.attr_of(&table, ino);
@@ -268,7 +311,11 @@ impl Filesystem {
                 Ok(meta) => {
                     let mut table = self.table();
                     if let Some(node) = table.get_mut(ino) {
-                        node.remote = Some(Remote { size: meta.size, etag: meta.etag, mtime: meta.last_modified });
+                        node.remote = Some(Remote {
+                            size: meta.size,
+                            etag: meta.etag,
+                            mtime: meta.last_modified,
+                        });
                         node.validated = Instant::now();
                     }
                 }
@@ -282,7 +329,11 @@ impl Filesystem {
     }
 
     pub async fn setattr(&self, ino: Ino, change: SetAttr) -> FsResult<Attr> {
-        if change.size.is_some() || change.mode.is_some() || change.uid.is_some() || change.gid.is_some() {
+        if change.size.is_some()
+            || change.mode.is_some()
+            || change.uid.is_some()
+            || change.gid.is_some()
+        {
             self.writable()?;
         }
         if let Some(size) = change.size {
@@ -332,7 +383,14 @@ impl Filesystem {
     pub fn statfs(&self) -> StatFs {
         // S3 has no capacity limit: report 1 PiB, all free, in 4 KiB blocks.
         const BLOCKS: u64 = (1 << 50) / 4096;
-        StatFs { blocks: BLOCKS, bfree: BLOCKS, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: NAME_MAX as u32 }
+        StatFs {
+            blocks: BLOCKS,
+            bfree: BLOCKS,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: 4096,
+            namelen: NAME_MAX as u32,
+        }
     }
 
     // ---- directories ------------------------------------------------------------------------
@@ -353,7 +411,12 @@ impl Filesystem {
         loop {
             let page = self
                 .store
-                .list(ListRequest { prefix: &prefix, delimiter: Some("/"), continuation, max_keys: None })
+                .list(ListRequest {
+                    prefix: &prefix,
+                    delimiter: Some("/"),
+                    continuation,
+                    max_keys: None,
+                })
                 .await?;
             for p in page.prefixes {
                 let name = &p[prefix.len()..p.len() - 1];
@@ -377,14 +440,29 @@ impl Filesystem {
         }
         let dir_names: HashSet<&str> = dirs.iter().map(String::as_str).collect();
         let mut entries = vec![
-            DirEntry { ino, kind: FileKind::Directory, name: ".".into(), offset: 1 },
-            DirEntry { ino: parent, kind: FileKind::Directory, name: "..".into(), offset: 2 },
+            DirEntry {
+                ino,
+                kind: FileKind::Directory,
+                name: ".".into(),
+                offset: 1,
+            },
+            DirEntry {
+                ino: parent,
+                kind: FileKind::Directory,
+                name: "..".into(),
+                offset: 2,
+            },
         ];
         let mut table = self.table();
         let now = Instant::now();
         let push = |entries: &mut Vec<DirEntry>, ino: Ino, kind: FileKind, name: String| {
             let offset = entries.len() as u64 + 1;
-            entries.push(DirEntry { ino, kind, name, offset });
+            entries.push(DirEntry {
+                ino,
+                kind,
+                name,
+                offset,
+            });
         };
         for name in &dirs {
             let child = table.upsert_child(ino, name, FileKind::Directory);
@@ -397,12 +475,19 @@ impl Filesystem {
         for o in files {
             let name = o.key[prefix.len()..].to_string();
             if dir_names.contains(name.as_str()) {
-                self.warn_once(&o.key, "is both an object and a prefix; the directory is shown");
+                self.warn_once(
+                    &o.key,
+                    "is both an object and a prefix; the directory is shown",
+                );
                 continue;
             }
             let child = table.upsert_child(ino, &name, FileKind::File);
             if let Some(node) = table.get_mut(child) {
-                node.remote = Some(Remote { size: o.size, etag: o.etag, mtime: o.last_modified });
+                node.remote = Some(Remote {
+                    size: o.size,
+                    etag: o.etag,
+                    mtime: o.last_modified,
+                });
                 node.validated = now;
             }
             listed.insert(name.clone());
@@ -414,12 +499,17 @@ impl Filesystem {
             }
         }
         drop(table);
-        Ok(self.insert_handle(Handle::Dir { entries: Arc::new(entries) }))
+        Ok(self.insert_handle(Handle::Dir {
+            entries: Arc::new(entries),
+        }))
     }
 
     fn usable_name(&self, name: &str, key: &str) -> bool {
         if name.is_empty() || name == "." || name == ".." || name.len() > NAME_MAX {
-            self.warn_once(key, "cannot be shown as a file name (empty, '.', '..' or over 255 bytes); skipped");
+            self.warn_once(
+                key,
+                "cannot be shown as a file name (empty, '.', '..' or over 255 bytes); skipped",
+            );
             return false;
         }
         true
@@ -429,7 +519,9 @@ impl Filesystem {
     pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
         let handles = self.handle_table();
         match handles.get(&fh) {
-            Some(Handle::Dir { entries }) => Ok(entries.iter().skip(offset as usize).cloned().collect()),
+            Some(Handle::Dir { entries }) => {
+                Ok(entries.iter().skip(offset as usize).cloned().collect())
+            }
             _ => Err(FsError::errno(libc::EBADF)),
         }
     }
@@ -447,7 +539,13 @@ impl Filesystem {
         }
         let path = Self::child_path(&Self::path_of(&self.table(), parent)?, name);
         let marker = self.key(&path, FileKind::Directory);
-        self.store.put(&marker, crate::store::Body::Bytes(Bytes::new()), &PutOptions::default()).await?;
+        self.store
+            .put(
+                &marker,
+                crate::store::Body::Bytes(Bytes::new()),
+                &PutOptions::default(),
+            )
+            .await?;
         let mut table = self.table();
         let ino = table.upsert_child(parent, name, FileKind::Directory);
         let entry = self.entry(&table, ino)?;
@@ -467,14 +565,22 @@ impl Filesystem {
             if node.kind != FileKind::Directory {
                 return Err(FsError::errno(libc::ENOTDIR));
             }
-            (self.key(&Self::path_of(&table, ino)?, FileKind::Directory), !table.local_only_children(ino).is_empty())
+            (
+                self.key(&Self::path_of(&table, ino)?, FileKind::Directory),
+                !table.local_only_children(ino).is_empty(),
+            )
         };
         if has_local_children {
             return Err(FsError::errno(libc::ENOTEMPTY));
         }
         let page = self
             .store
-            .list(ListRequest { prefix: &prefix, delimiter: None, continuation: None, max_keys: Some(2) })
+            .list(ListRequest {
+                prefix: &prefix,
+                delimiter: None,
+                continuation: None,
+                max_keys: Some(2),
+            })
             .await?;
         if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
             return Err(FsError::errno(libc::ENOTEMPTY));
@@ -492,7 +598,13 @@ impl Filesystem {
         fh
     }
 
-    pub async fn create(&self, parent: Ino, name: &str, mode: u32, flags: i32) -> FsResult<(Entry, u64)> {
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, u64)> {
         self.writable()?;
         check_name(name)?;
         let local = Arc::new(self.cache.create_file()?);
@@ -513,7 +625,12 @@ impl Filesystem {
         let entry = self.entry(&table, ino)?;
         drop(table);
         let append = OpenMode::from_flags(flags).append;
-        let fh = self.insert_handle(Handle::Local { ino, file: local, append, write: true });
+        let fh = self.insert_handle(Handle::Local {
+            ino,
+            file: local,
+            append,
+            write: true,
+        });
         Ok((entry, fh))
     }
 
@@ -528,7 +645,10 @@ impl Filesystem {
                 return Err(FsError::errno(libc::EISDIR));
             }
             let key = self.key(&Self::path_of(&table, ino)?, FileKind::File);
-            let remote = node.remote.clone().filter(|_| self.is_fresh(node.validated));
+            let remote = node
+                .remote
+                .clone()
+                .filter(|_| self.is_fresh(node.validated));
             (node.local.clone(), remote, key)
         };
         let local = match local {
@@ -541,7 +661,12 @@ impl Filesystem {
                 if mode.truncate && file.size() > 0 {
                     file.set_len(0)?;
                 }
-                Handle::Local { ino, file, append: mode.append, write: mode.write }
+                Handle::Local {
+                    ino,
+                    file,
+                    append: mode.append,
+                    write: mode.write,
+                }
             }
             None => {
                 // Pin the version we open: the ETag from a fresh HEAD unless just validated.
@@ -549,7 +674,11 @@ impl Filesystem {
                     Some(r) => r,
                     None => {
                         let meta = self.store.head(&key).await?;
-                        let r = Remote { size: meta.size, etag: meta.etag, mtime: meta.last_modified };
+                        let r = Remote {
+                            size: meta.size,
+                            etag: meta.etag,
+                            mtime: meta.last_modified,
+                        };
                         if let Some(node) = self.table().get_mut(ino) {
                             node.remote = Some(r.clone());
                             node.validated = Instant::now();
@@ -558,7 +687,10 @@ impl Filesystem {
                     }
                 };
                 let reader = Reader::new(key, remote.etag, remote.size);
-                Handle::Remote { ino, reader: Arc::new(tokio::sync::Mutex::new(reader)) }
+                Handle::Remote {
+                    ino,
+                    reader: Arc::new(tokio::sync::Mutex::new(reader)),
+                }
             }
         };
         if let Some(node) = self.table().get_mut(ino) {
@@ -576,7 +708,10 @@ impl Filesystem {
             if let Some(local) = &node.local {
                 return Ok(local.clone());
             }
-            (self.key(&Self::path_of(&table, ino)?, FileKind::File), node.remote.clone())
+            (
+                self.key(&Self::path_of(&table, ino)?, FileKind::File),
+                node.remote.clone(),
+            )
         };
         let local = Arc::new(self.cache.create_file()?);
         if empty {
@@ -585,9 +720,15 @@ impl Filesystem {
             let mut offset = 0;
             while offset < remote.size {
                 let end = (offset + DOWNLOAD_CHUNK).min(remote.size);
-                let data = self.store.get_range(&key, offset..end, Some(&remote.etag)).await?;
+                let data = self
+                    .store
+                    .get_range(&key, offset..end, Some(&remote.etag))
+                    .await?;
                 if data.len() as u64 != end - offset {
-                    return Err(FsError::with_message(libc::EIO, format!("short read of {key}")));
+                    return Err(FsError::with_message(
+                        libc::EIO,
+                        format!("short read of {key}"),
+                    ));
                 }
                 local.fill_at(offset, &data)?;
                 offset = end;
@@ -633,7 +774,12 @@ impl Filesystem {
         let (file, append) = {
             let handles = self.handle_table();
             match handles.get(&fh) {
-                Some(Handle::Local { file, append, write: true, .. }) => (file.clone(), *append),
+                Some(Handle::Local {
+                    file,
+                    append,
+                    write: true,
+                    ..
+                }) => (file.clone(), *append),
                 _ => return Err(FsError::errno(libc::EBADF)),
             }
         };
@@ -668,7 +814,9 @@ impl Filesystem {
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle_table().remove(&fh);
-        let Some(handle) = handle else { return Err(FsError::errno(libc::EBADF)) };
+        let Some(handle) = handle else {
+            return Err(FsError::errno(libc::EBADF));
+        };
         let ino = match handle {
             Handle::Local { ino, .. } | Handle::Remote { ino, .. } => ino,
             Handle::Dir { .. } => return Ok(()),
@@ -688,16 +836,16 @@ impl Filesystem {
         }
         let local = self.table().get(ino).and_then(|n| n.local.clone());
         let mut result = Ok(());
-        if let Some(local) = local {
-            if local.is_dirty() {
-                // The flush at close failed: try once more before giving up the descriptor.
-                result = self.upload(ino, &local).await;
-                if let Err(e) = &result {
-                    tracing::error!(
-                        path = %local.path().display(),
-                        "upload failed at release; the data stays in the cache file: {e}"
-                    );
-                }
+        if let Some(local) = local
+            && local.is_dirty()
+        {
+            // The flush at close failed: try once more before giving up the descriptor.
+            result = self.upload(ino, &local).await;
+            if let Err(e) = &result {
+                tracing::error!(
+                    path = %local.path().display(),
+                    "upload failed at release; the data stays in the cache file: {e}"
+                );
             }
         }
         self.unstage_if_idle(ino);
@@ -715,13 +863,20 @@ impl Filesystem {
             self.key(&Self::path_of(&table, ino)?, FileKind::File)
         };
         let snapshot = file.snapshot();
-        let etag = self.uploader.upload_file(&key, file.path(), snapshot.size, &PutOptions::default()).await?;
+        let etag = self
+            .uploader
+            .upload_file(&key, file.path(), snapshot.size, &PutOptions::default())
+            .await?;
         if file.mark_clean(snapshot) {
             tracing::debug!(key, size = snapshot.size, etag, "uploaded");
         }
         let mut table = self.table();
         if let Some(node) = table.get_mut(ino) {
-            node.remote = Some(Remote { size: snapshot.size, etag, mtime: file.mtime() });
+            node.remote = Some(Remote {
+                size: snapshot.size,
+                etag,
+                mtime: file.mtime(),
+            });
             node.validated = Instant::now();
         }
         Ok(())
@@ -732,12 +887,12 @@ impl Filesystem {
         let files = self.table().local_files();
         let mut first_error = Ok(());
         for (ino, file) in files {
-            if file.is_dirty() {
-                if let Err(e) = self.upload(ino, &file).await {
-                    tracing::error!(path = %file.path().display(), "upload failed: {e}");
-                    if first_error.is_ok() {
-                        first_error = Err(e);
-                    }
+            if file.is_dirty()
+                && let Err(e) = self.upload(ino, &file).await
+            {
+                tracing::error!(path = %file.path().display(), "upload failed: {e}");
+                if first_error.is_ok() {
+                    first_error = Err(e);
                 }
             }
         }
@@ -753,7 +908,10 @@ impl Filesystem {
             if node.kind == FileKind::Directory {
                 return Err(FsError::errno(libc::EISDIR));
             }
-            (self.key(&Self::path_of(&table, ino)?, FileKind::File), node.local.clone())
+            (
+                self.key(&Self::path_of(&table, ino)?, FileKind::File),
+                node.local.clone(),
+            )
         };
         if let Some(local) = local {
             // Open handles keep their data; no close will re-create the object.
@@ -798,8 +956,12 @@ impl Filesystem {
                 }
                 let t = table.get(t).ok_or_else(FsError::not_found)?;
                 match (node.kind, t.kind) {
-                    (FileKind::File, FileKind::Directory) => return Err(FsError::errno(libc::EISDIR)),
-                    (FileKind::Directory, FileKind::File) => return Err(FsError::errno(libc::ENOTDIR)),
+                    (FileKind::File, FileKind::Directory) => {
+                        return Err(FsError::errno(libc::EISDIR));
+                    }
+                    (FileKind::Directory, FileKind::File) => {
+                        return Err(FsError::errno(libc::ENOTDIR));
+                    }
                     _ => {}
                 }
             }
@@ -818,16 +980,28 @@ impl Filesystem {
             return Err(FsError::errno(libc::EXDEV));
         }
         let dirty = local.as_ref().is_some_and(|l| l.is_dirty());
-        if !dirty && has_remote {
-            // Copy first: if it fails, nothing has changed.
-            self.store.copy(&old_key, &new_key, None).await?;
-        }
+        // Copy first: if it fails, nothing has changed. The copy is a new object with an ETag
+        // of its own (a copied multipart object gets a single-part ETag).
+        let copied_etag = if !dirty && has_remote {
+            Some(self.store.copy(&old_key, &new_key, None).await?)
+        } else {
+            None
+        };
         {
             let mut table = self.table();
-            if let Some(t) = target.and_then(|t| table.get(t)).and_then(|t| t.local.clone()) {
+            if let Some(t) = target
+                .and_then(|t| table.get(t))
+                .and_then(|t| t.local.clone())
+            {
                 t.mark_unlinked();
             }
             table.rename(ino, new_parent, new_name);
+            if let (Some(etag), Some(node)) = (copied_etag, table.get_mut(ino)) {
+                if let Some(remote) = &mut node.remote {
+                    remote.etag = etag;
+                }
+                node.validated = Instant::now();
+            }
         }
         if dirty {
             // The local copy is the newest version: it goes to the new key now (or at close).

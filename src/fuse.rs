@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -38,7 +38,11 @@ pub struct FuseAdapter {
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Filesystem>, runtime: tokio::runtime::Handle) -> FuseAdapter {
-        FuseAdapter { fs, runtime, permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) }
+        FuseAdapter {
+            fs,
+            runtime,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
     }
 
     /// Run `op` on the runtime inside `span`, then hand its result to `reply`.
@@ -81,7 +85,9 @@ fn errno(e: FsError) -> Errno {
 
 /// Names are object keys, which are UTF-8: other byte strings cannot be stored.
 fn utf8(name: &OsStr) -> FsResult<String> {
-    name.to_str().map(str::to_string).ok_or_else(|| FsError::errno(libc::EINVAL))
+    name.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| FsError::errno(libc::EINVAL))
 }
 
 fn file_type(kind: FileKind) -> FileType {
@@ -179,7 +185,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let ttl = self.fs.config().metadata_ttl;
-        let change = SetAttr { mode, uid, gid, size, mtime: mtime.map(time), fh: fh.map(|f| f.0) };
+        let change = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(time),
+            fh: fh.map(|f| f.0),
+        };
         self.spawn(
             span!("setattr", req, ino = ino.0, size = size),
             |fs| async move { fs.setattr(ino.0, change).await },
@@ -190,7 +203,15 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let name = utf8(name);
         self.spawn(
             span!("mkdir", req, ino = parent.0),
@@ -245,7 +266,8 @@ impl fuser::Filesystem for FuseAdapter {
             span!("rename", req, ino = parent.0),
             |fs| async move {
                 let (name, newname) = names?;
-                fs.rename(parent.0, &name, newparent.0, &newname, flags).await
+                fs.rename(parent.0, &name, newparent.0, &newname, flags)
+                    .await
             },
             move |r| match r {
                 Ok(()) => reply.ok(),
@@ -278,7 +300,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         self.spawn(
-            span!("read", req, ino = ino.0, fh = fh.0, offset = offset, size = size),
+            span!(
+                "read",
+                req,
+                ino = ino.0,
+                fh = fh.0,
+                offset = offset,
+                size = size
+            ),
             |fs| async move { fs.read(fh.0, offset, size).await },
             move |r| match r {
                 Ok(data) => reply.data(&data),
@@ -301,7 +330,14 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let data = data.to_vec();
         self.spawn(
-            span!("write", req, ino = ino.0, fh = fh.0, offset = offset, size = data.len()),
+            span!(
+                "write",
+                req,
+                ino = ino.0,
+                fh = fh.0,
+                offset = offset,
+                size = data.len()
+            ),
             |fs| async move { fs.write(fh.0, offset, &data).await },
             move |r| match r {
                 Ok(n) => reply.written(n),
@@ -310,7 +346,14 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.spawn(
             span!("flush", req, ino = ino.0, fh = fh.0),
             |fs| async move { fs.flush(fh.0).await },
@@ -341,7 +384,14 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.spawn(
             span!("fsync", req, ino = ino.0, fh = fh.0),
             |fs| async move { fs.fsync(fh.0).await },
@@ -363,7 +413,14 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let _span = span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset).entered();
         // Served from the snapshot taken at opendir: no I/O, answered inline.
         match self.fs.readdir(fh.0, offset) {
@@ -382,19 +439,35 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Directory changes (mkdir, rmdir, rename, unlink) reach S3 before they return.
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 
     fn create(

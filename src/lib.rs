@@ -9,13 +9,13 @@
 //! - [`cli`] and [`config`]: flags and environment turned into one [`config::Config`];
 //! - [`mount`]: wiring it all together for the binary (and the integration tests).
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
-pub mod store;
-pub mod cache;
 pub mod read;
+pub mod store;
 pub mod upload;

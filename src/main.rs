@@ -36,7 +36,10 @@ fn run_mount(args: MountArgs) -> ExitCode {
     if config.daemon && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
         return detach();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
@@ -95,7 +98,10 @@ fn detach() -> ExitCode {
         Err(e) => return fail(format!("cannot start the daemon: {e}")),
     };
     let ready = child.stdout.take().is_some_and(|out| {
-        std::io::BufReader::new(out).lines().map_while(Result::ok).any(|l| l == READY_LINE)
+        std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == READY_LINE)
     });
     if ready {
         return ExitCode::SUCCESS;
@@ -111,5 +117,9 @@ fn detach() -> ExitCode {
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }

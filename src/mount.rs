@@ -40,10 +40,12 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartEr
     let what = store.describe();
     match tokio::time::timeout(ACCESS_CHECK_TIMEOUT, store.check_access()).await {
         Ok(Ok(())) => Ok(store),
-        Ok(Err(StoreError::NoSuchBucket(b))) => Err(StartError(format!("bucket {b:?} does not exist ({what})"))),
-        Ok(Err(e @ StoreError::PermissionDenied(_))) => {
-            Err(StartError(format!("{what}: {e} (check S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY)")))
+        Ok(Err(StoreError::NoSuchBucket(b))) => {
+            Err(StartError(format!("bucket {b:?} does not exist ({what})")))
         }
+        Ok(Err(e @ StoreError::PermissionDenied(_))) => Err(StartError(format!(
+            "{what}: {e} (check S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY)"
+        ))),
         Ok(Err(e)) => Err(StartError(format!("{what}: {e}"))),
         Err(_) => Err(StartError(format!(
             "{what}: no answer within {}s (is the endpoint reachable?)",
@@ -56,15 +58,19 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartEr
 pub fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(StartError(format!("mount point {} is not a directory", path.display()))),
+        Ok(_) => Err(StartError(format!(
+            "mount point {} is not a directory",
+            path.display()
+        ))),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(StartError(format!(
             "mount point {} is a dead FUSE mount (its daemon died): run `umount -l {}` first",
             path.display(),
             path.display()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(StartError(format!("mount point {} does not exist", path.display())))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StartError(format!(
+            "mount point {} does not exist",
+            path.display()
+        ))),
         Err(e) => Err(StartError(format!("mount point {}: {e}", path.display()))),
     }
 }
@@ -76,10 +82,18 @@ pub struct Mounted {
 }
 
 /// Mount `config` (store already opened and checked). Returns once the kernel has the mount.
-pub fn mount(config: &Config, store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) -> Result<Mounted, StartError> {
-    let fs = Filesystem::new(store, config.source.prefix().to_string(), config.fs.clone()).map_err(|e| {
-        StartError(format!("cannot create the cache directory {}: {e}", config.cache_dir().display()))
-    })?;
+pub fn mount(
+    config: &Config,
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Handle,
+) -> Result<Mounted, StartError> {
+    let fs = Filesystem::new(store, config.source.prefix().to_string(), config.fs.clone())
+        .map_err(|e| {
+            StartError(format!(
+                "cannot create the cache directory {}: {e}",
+                config.cache_dir().display()
+            ))
+        })?;
     let fs = Arc::new(fs);
     let mut options = vec![
         fuser::MountOption::FSName(config.source.url()),
@@ -94,14 +108,23 @@ pub fn mount(config: &Config, store: Arc<dyn ObjectStore>, runtime: tokio::runti
     }
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = options;
-    fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    fuse_config.acl = if config.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     // Handlers only spawn onto tokio, so a few threads keep the kernel queue drained.
     fuse_config.n_threads = Some(4);
     fuse_config.clone_fd = true;
     let adapter = FuseAdapter::new(fs.clone(), runtime);
     let session = fuser::Session::new(adapter, &config.mountpoint, &fuse_config)
         .and_then(|s| s.spawn())
-        .map_err(|e| StartError(format!("cannot mount at {}: {e}", config.mountpoint.display())))?;
+        .map_err(|e| {
+            StartError(format!(
+                "cannot mount at {}: {e}",
+                config.mountpoint.display()
+            ))
+        })?;
     tracing::info!(source = %config.source.url(), mountpoint = %config.mountpoint.display(), "mounted");
     Ok(Mounted { fs, session })
 }
@@ -117,7 +140,10 @@ impl Mounted {
     /// Wait for SIGTERM/SIGINT or for the mount to be removed from outside.
     pub async fn wait(&self) -> Stop {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; serving until unmounted");
             return self.wait_unmounted().await;
         };
@@ -141,14 +167,20 @@ impl Mounted {
         let synced = match self.fs.sync_all().await {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!("not every file could be uploaded; their data stays in the cache: {e}");
+                tracing::error!(
+                    "not every file could be uploaded; their data stays in the cache: {e}"
+                );
                 false
             }
         };
         let session = self.session;
         let unmounted = tokio::task::spawn_blocking(move || {
             // Unmounted from outside: the session has ended, only the thread remains to join.
-            if session.guard.is_finished() { session.join() } else { session.umount_and_join() }
+            if session.guard.is_finished() {
+                session.join()
+            } else {
+                session.umount_and_join()
+            }
         })
         .await;
         match unmounted {

@@ -49,7 +49,12 @@ impl Reader {
     }
 
     /// Up to `len` bytes at `offset` (fewer at the end of the object).
-    pub async fn read(&mut self, store: &Arc<dyn ObjectStore>, offset: u64, len: u32) -> Result<Bytes> {
+    pub async fn read(
+        &mut self,
+        store: &Arc<dyn ObjectStore>,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
             return Ok(Bytes::new());
@@ -70,7 +75,9 @@ impl Reader {
             end - offset
         };
         let fetch_end = (offset + fetch).min(self.size);
-        let data = store.get_range(&self.key, offset..fetch_end, Some(&self.etag)).await?;
+        let data = store
+            .get_range(&self.key, offset..fetch_end, Some(&self.etag))
+            .await?;
         let n = (end - offset).min(data.len() as u64) as usize;
         let out = data.slice(..n);
         self.buffer_start = offset;
@@ -88,7 +95,14 @@ mod tests {
     async fn sequential_and_random_reads_return_the_right_bytes() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
-        let etag = store.put("k", Body::Bytes(data.clone().into()), &PutOptions::default()).await.unwrap();
+        let etag = store
+            .put(
+                "k",
+                Body::Bytes(data.clone().into()),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
         let mut r = Reader::new("k".into(), etag, data.len() as u64);
         let mut off = 0u64;
         while off < data.len() as u64 {
@@ -98,16 +112,35 @@ mod tests {
         }
         let got = r.read(&store, 1234, 10).await.unwrap();
         assert_eq!(&got[..], &data[1234..1244]);
-        assert!(r.read(&store, data.len() as u64, 10).await.unwrap().is_empty());
+        assert!(
+            r.read(&store, data.len() as u64, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn a_replaced_object_makes_reads_fail_instead_of_mixing() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        let etag = store.put("k", Body::Bytes(vec![1u8; 3 << 20].into()), &PutOptions::default()).await.unwrap();
+        let etag = store
+            .put(
+                "k",
+                Body::Bytes(vec![1u8; 3 << 20].into()),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
         let mut r = Reader::new("k".into(), etag, 3 << 20);
         r.read(&store, 0, 4096).await.unwrap();
-        store.put("k", Body::Bytes(vec![2u8; 3 << 20].into()), &PutOptions::default()).await.unwrap();
+        store
+            .put(
+                "k",
+                Body::Bytes(vec![2u8; 3 << 20].into()),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
         let err = r.read(&store, 2 << 20, 4096).await.unwrap_err();
         assert!(matches!(err, StoreError::PreconditionFailed(_)), "{err:?}");
     }

@@ -135,7 +135,11 @@ pub struct PutOptions {
 #[derive(Clone)]
 pub enum Body {
     Bytes(Bytes),
-    File { path: PathBuf, offset: u64, len: u64 },
+    File {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Body {
@@ -224,8 +228,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// The bytes of `range` (clamped to the object's size; a range starting at or past the end
     /// reads as empty). With `if_match`, fails with `PreconditionFailed` if the object's ETag
     /// differs, so reads of one open file never mix two versions.
-    async fn get_range(&self, key: &str, range: Range<u64>, if_match: Option<&str>)
-    -> Result<Bytes>;
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> Result<Bytes>;
 
     async fn list(&self, request: ListRequest<'_>) -> Result<ListPage>;
 
@@ -242,8 +250,13 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     async fn create_multipart(&self, key: &str, options: &PutOptions) -> Result<String>;
 
     /// Upload part `number` (1-based); returns the part's ETag.
-    async fn upload_part(&self, key: &str, upload_id: &str, number: u32, body: Body)
-    -> Result<String>;
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        body: Body,
+    ) -> Result<String>;
 
     /// Make part `number` a server-side copy of `range` of object `from`; returns its ETag.
     async fn upload_part_copy(

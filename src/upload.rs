@@ -23,7 +23,11 @@ pub struct Uploader {
 
 impl Uploader {
     pub fn new(store: Arc<dyn ObjectStore>, part_size: u64, concurrency: usize) -> Uploader {
-        Uploader { store, part_size, concurrency: concurrency.max(1) }
+        Uploader {
+            store,
+            part_size,
+            concurrency: concurrency.max(1),
+        }
     }
 
     /// Upload bytes `0..size` of `path` as `key`; returns the new object's ETag.
@@ -44,27 +48,36 @@ impl Uploader {
         }
         let upload_id = self.store.create_multipart(key, options).await?;
         let parts = plan_parts(size, self.part_size);
-        let result: Result<Vec<CompletedPart>> = futures::stream::iter(parts.into_iter().enumerate())
-            .map(|(i, range)| {
-                let number = i as u32 + 1;
-                let upload_id = &upload_id;
-                let body = body(range);
-                async move {
-                    let etag = self.store.upload_part(key, upload_id, number, body).await?;
-                    Ok(CompletedPart { number, etag })
-                }
-            })
-            .buffered(self.concurrency)
-            .try_collect()
-            .await;
+        let result: Result<Vec<CompletedPart>> =
+            futures::stream::iter(parts.into_iter().enumerate())
+                .map(|(i, range)| {
+                    let number = i as u32 + 1;
+                    let upload_id = &upload_id;
+                    let body = body(range);
+                    async move {
+                        let etag = self.store.upload_part(key, upload_id, number, body).await?;
+                        Ok(CompletedPart { number, etag })
+                    }
+                })
+                .buffered(self.concurrency)
+                .try_collect()
+                .await;
         let completed = match result {
-            Ok(parts) => self.store.complete_multipart(key, &upload_id, &parts, &options.condition).await,
+            Ok(parts) => {
+                self.store
+                    .complete_multipart(key, &upload_id, &parts, &options.condition)
+                    .await
+            }
             Err(e) => Err(e),
         };
-        if completed.is_err() {
-            if let Err(abort) = self.store.abort_multipart(key, &upload_id).await {
-                tracing::warn!(key, upload_id, "cannot abort failed multipart upload: {abort}");
-            }
+        if completed.is_err()
+            && let Err(abort) = self.store.abort_multipart(key, &upload_id).await
+        {
+            tracing::warn!(
+                key,
+                upload_id,
+                "cannot abort failed multipart upload: {abort}"
+            );
         }
         completed
     }
@@ -74,7 +87,9 @@ impl Uploader {
 /// with the part size doubled until at most `MAX_PARTS` parts are needed.
 pub fn plan_parts(size: u64, part_size: u64) -> Vec<Range<u64>> {
     let part = effective_part_size(size, part_size);
-    (0..size.div_ceil(part)).map(|i| i * part..((i + 1) * part).min(size)).collect()
+    (0..size.div_ceil(part))
+        .map(|i| i * part..((i + 1) * part).min(size))
+        .collect()
 }
 
 /// The part size actually used for an object of `size` bytes.
@@ -97,7 +112,10 @@ mod tests {
     fn part_plans() {
         assert_eq!(plan_parts(0, 8 * MIB), Vec::<Range<u64>>::new());
         assert_eq!(plan_parts(8 * MIB, 8 * MIB), vec![0..8 * MIB]);
-        assert_eq!(plan_parts(8 * MIB + 1, 8 * MIB), vec![0..8 * MIB, 8 * MIB..8 * MIB + 1]);
+        assert_eq!(
+            plan_parts(8 * MIB + 1, 8 * MIB),
+            vec![0..8 * MIB, 8 * MIB..8 * MIB + 1]
+        );
         // 80,000 MiB at 8 MiB would be exactly 10,000 parts: allowed.
         assert_eq!(effective_part_size(80_000 * MIB, 8 * MIB), 8 * MIB);
         // One byte more needs 10,001 parts: the part size doubles.
@@ -116,12 +134,17 @@ mod tests {
         let data: Vec<u8> = (0..(11 * MIB + 7)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
 
-        let etag = up.upload_file("small", &path, 100, &PutOptions::default()).await.unwrap();
+        let etag = up
+            .upload_file("small", &path, 100, &PutOptions::default())
+            .await
+            .unwrap();
         assert_eq!(etag, md5_hex(&data[..100]));
 
-        let etag = up.upload_file("big", &path, data.len() as u64, &PutOptions::default()).await.unwrap();
-        let parts: Vec<String> =
-            data.chunks(5 * MIB as usize).map(md5_hex).collect();
+        let etag = up
+            .upload_file("big", &path, data.len() as u64, &PutOptions::default())
+            .await
+            .unwrap();
+        let parts: Vec<String> = data.chunks(5 * MIB as usize).map(md5_hex).collect();
         assert_eq!(etag, multipart_etag(parts.iter().map(String::as_str)));
         let got = store.get_range("big", 0..u64::MAX, None).await.unwrap();
         assert!(got == data, "multipart object differs");

@@ -81,7 +81,10 @@ impl InodeTable {
         let mut root = Inode::new(ROOT_INO, String::new(), FileKind::Directory);
         root.lookups = 1; // the root is never forgotten
         inodes.insert(ROOT_INO, root);
-        InodeTable { inodes, next_ino: ROOT_INO + 1 }
+        InodeTable {
+            inodes,
+            next_ino: ROOT_INO + 1,
+        }
     }
 
     pub fn get(&self, ino: Ino) -> Option<&Inode> {
@@ -120,7 +123,8 @@ impl InodeTable {
         }
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.inodes.insert(ino, Inode::new(parent, name.to_string(), kind));
+        self.inodes
+            .insert(ino, Inode::new(parent, name.to_string(), kind));
         self.link(parent, name, ino);
         ino
     }
@@ -141,7 +145,9 @@ impl InodeTable {
 
     /// Move `ino` to `new_parent/new_name`, replacing whatever edge was there.
     pub fn rename(&mut self, ino: Ino, new_parent: Ino, new_name: &str) {
-        let Some(node) = self.inodes.get(&ino) else { return };
+        let Some(node) = self.inodes.get(&ino) else {
+            return;
+        };
         let (old_parent, old_name) = (node.parent, node.name.clone());
         if let Some(p) = self.inodes.get_mut(&old_parent) {
             p.children.remove(&old_name);
@@ -158,7 +164,9 @@ impl InodeTable {
 
     /// The kernel dropped `n` references.
     pub fn forget(&mut self, ino: Ino, n: u64) {
-        let Some(node) = self.inodes.get_mut(&ino) else { return };
+        let Some(node) = self.inodes.get_mut(&ino) else {
+            return;
+        };
         node.lookups = node.lookups.saturating_sub(n);
         self.collect(ino);
     }
@@ -169,21 +177,23 @@ impl InodeTable {
         if ino == ROOT_INO || !self.collectable(ino) {
             return;
         }
-        let Some(node) = self.inodes.remove(&ino) else { return };
+        let Some(node) = self.inodes.remove(&ino) else {
+            return;
+        };
         for child in node.children.into_values() {
             self.collect_detached(child);
         }
-        if let Some(p) = self.inodes.get_mut(&node.parent) {
-            if p.children.get(&node.name) == Some(&ino) {
-                p.children.remove(&node.name);
-            }
+        if let Some(p) = self.inodes.get_mut(&node.parent)
+            && p.children.get(&node.name) == Some(&ino)
+        {
+            p.children.remove(&node.name);
         }
     }
 
     fn collectable(&self, ino: Ino) -> bool {
-        self.inodes.get(&ino).is_some_and(|n| {
-            !n.pinned() && n.children.values().all(|c| self.collectable(*c))
-        })
+        self.inodes
+            .get(&ino)
+            .is_some_and(|n| !n.pinned() && n.children.values().all(|c| self.collectable(*c)))
     }
 
     fn collect_detached(&mut self, ino: Ino) {
@@ -196,12 +206,15 @@ impl InodeTable {
 
     /// Children of `parent` that exist only locally (created, not yet in S3).
     pub fn local_only_children(&self, parent: Ino) -> Vec<(String, Ino, FileKind)> {
-        let Some(dir) = self.inodes.get(&parent) else { return Vec::new() };
+        let Some(dir) = self.inodes.get(&parent) else {
+            return Vec::new();
+        };
         dir.children
             .iter()
             .filter_map(|(name, ino)| {
                 let node = self.inodes.get(ino)?;
-                (node.local.is_some() && node.remote.is_none()).then(|| (name.clone(), *ino, node.kind))
+                (node.local.is_some() && node.remote.is_none())
+                    .then(|| (name.clone(), *ino, node.kind))
             })
             .collect()
     }
@@ -231,7 +244,11 @@ mod tests {
         let a = t.upsert_child(ROOT_INO, "a", FileKind::Directory);
         let b = t.upsert_child(a, "b", FileKind::File);
         assert_eq!(t.path(b).unwrap(), "a/b");
-        assert_eq!(t.upsert_child(a, "b", FileKind::File), b, "same kind reuses the inode");
+        assert_eq!(
+            t.upsert_child(a, "b", FileKind::File),
+            b,
+            "same kind reuses the inode"
+        );
         let c = t.upsert_child(ROOT_INO, "c", FileKind::Directory);
         t.get_mut(b).unwrap().lookups = 1;
         t.rename(b, c, "d");
