@@ -145,6 +145,29 @@ pub struct CacheArgs {
     /// Parts of one multipart upload sent in parallel.
     #[arg(long, env = "BUCKETFS_UPLOAD_CONCURRENCY", default_value_t = 4)]
     pub upload_concurrency: usize,
+
+    /// Quiet time after a file is closed before it is uploaded; rewrites within it coalesce
+    /// into one upload. fsync, sync and unmount do not wait for it.
+    #[arg(long, env = "BUCKETFS_WRITEBACK_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub writeback_delay: Duration,
+
+    /// Files uploaded at once.
+    #[arg(long, env = "BUCKETFS_MAX_UPLOADS", default_value_t = 8)]
+    pub max_uploads: usize,
+
+    /// Byte budget of the cache, dirty and clean data together (e.g. 10GiB). Clean files are
+    /// evicted least-recently-used; when dirty data fills it, writers wait for uploads.
+    #[arg(long, env = "BUCKETFS_CACHE_SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// How long a writer waits for uploads to free cache space before getting ENOSPC.
+    #[arg(long, env = "BUCKETFS_CACHE_FULL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub cache_full_timeout: Duration,
+
+    /// On SIGTERM/SIGINT/unmount, how long to wait for pending uploads before exiting non-zero
+    /// (the journal keeps what is left for the next start).
+    #[arg(long, env = "BUCKETFS_DRAIN_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

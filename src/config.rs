@@ -5,6 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use crate::cache::CacheLimits;
 use crate::cli::MountArgs;
 use crate::fs::FsConfig;
 use crate::store::{AddressingStyle, S3Config};
@@ -107,6 +110,8 @@ pub struct Config {
     pub cache_root: PathBuf,
     pub allow_other: bool,
     pub daemon: bool,
+    /// How long shutdown waits for pending uploads.
+    pub drain_timeout: Duration,
     pub log_level: String,
     pub fs: FsConfig,
 }
@@ -160,7 +165,14 @@ impl Config {
             metadata_ttl: args.mount.metadata_ttl,
             part_size: args.cache.part_size,
             upload_concurrency: args.cache.upload_concurrency.max(1),
+            writeback_delay: args.cache.writeback_delay,
+            max_uploads: args.cache.max_uploads.max(1),
             cache_dir: PathBuf::new(), // set below, once the mount id is known
+            cache_limits: CacheLimits {
+                max_bytes: args.cache.cache_size,
+                full_timeout: args.cache.cache_full_timeout,
+                ..CacheLimits::default()
+            },
         };
         let mut config = Config {
             source,
@@ -169,6 +181,7 @@ impl Config {
             cache_root: args.cache.cache_dir.clone(),
             allow_other: args.mount.allow_other,
             daemon: args.mount.daemon,
+            drain_timeout: args.cache.drain_timeout,
             log_level: args.logging.log_level.clone(),
             fs,
         };

@@ -7,14 +7,17 @@
 //!   shown whether it exists through other keys (implicit) or through a `path/` marker object
 //!   (what `mkdir` writes).
 //! - Attributes come from LIST (readdir) and HEAD (lookup) and are trusted for `metadata_ttl`.
-//! - Reads of files without local data are ranged GETs pinned to the ETag seen at open
-//!   (`crate::read`). Opening for writing stages the file in the local cache (`crate::cache`);
-//!   `flush` (every `close`) and `fsync` upload it when it changed (`crate::upload`).
+//! - Local data lives in the on-disk cache (`crate::cache`), indexed by key: files being
+//!   written, written and not yet uploaded, or kept for reading. A key with local data shows its
+//!   local size and mtime at once. Other reads are ranged GETs pinned to the ETag seen at open
+//!   (`crate::read`).
+//! - Writes land in the cache; `close` journals the file and queues it for the background
+//!   uploader (`crate::writeback`); `fsync` waits until the upload is done.
 //!
-//! Lock order: the inode table (`inodes`, a std mutex, never held across `.await`) before a
-//! `LocalFile`'s state lock; the handle table (`handles`) is never held together with either.
-//! A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken with no other
-//! lock held.
+//! Lock order: the inode table (`inodes`, a std mutex, never held across `.await`), then the
+//! cache index, then a `LocalFile`'s state lock; the handle table is never held together with
+//! any of them. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
+//! with no std lock held.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,11 +32,11 @@ mod types;
 pub use inode::Remote;
 pub use types::*;
 
-use crate::cache::{Cache, LocalFile};
+use crate::cache::{Cache, CacheError, LocalFile};
 use crate::error::{FsError, FsResult};
 use crate::read::Reader;
 use crate::store::{ListRequest, ObjectStore, PutOptions, StoreError};
-use crate::upload::Uploader;
+use crate::writeback::{WriteBack, WriteBackConfig};
 use inode::InodeTable;
 
 /// Objects fetched into the cache for a write-open are downloaded in pieces of this size.
@@ -61,8 +64,8 @@ pub struct Filesystem {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     config: FsConfig,
-    cache: Cache,
-    uploader: Uploader,
+    cache: Arc<Cache>,
+    writeback: WriteBack,
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -94,19 +97,42 @@ fn check_name(name: &str) -> FsResult<()> {
 
 impl Filesystem {
     /// A filesystem over `store`, with every key under `prefix` (empty, or ending in `/`).
+    /// Opens (and locks) the cache directory, re-queues the files its journal holds, and starts
+    /// the background uploader: call it inside a tokio runtime.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         prefix: String,
         config: FsConfig,
-    ) -> std::io::Result<Self> {
-        let cache = Cache::open(&config.cache_dir)?;
-        let uploader = Uploader::new(store.clone(), config.part_size, config.upload_concurrency);
+    ) -> Result<Self, CacheError> {
+        let (cache, recovered) = Cache::open(&config.cache_dir, config.cache_limits.clone())?;
+        let cache = Arc::new(cache);
+        let writeback = WriteBack::start(
+            store.clone(),
+            cache.clone(),
+            WriteBackConfig {
+                delay: config.writeback_delay,
+                max_uploads: config.max_uploads,
+                part_size: config.part_size,
+                part_concurrency: config.upload_concurrency,
+            },
+        );
+        if !recovered.is_empty() {
+            let bytes: u64 = recovered.iter().map(|f| f.size()).sum();
+            tracing::info!(
+                files = recovered.len(),
+                bytes,
+                "resuming uploads left by the previous run"
+            );
+        }
+        for file in &recovered {
+            writeback.enqueue(file, true);
+        }
         Ok(Filesystem {
             store,
             prefix,
             config,
             cache,
-            uploader,
+            writeback,
             inodes: Mutex::new(InodeTable::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -117,6 +143,10 @@ impl Filesystem {
 
     pub fn config(&self) -> &FsConfig {
         &self.config
+    }
+
+    pub fn writeback(&self) -> &WriteBack {
+        &self.writeback
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, InodeTable> {
@@ -156,25 +186,31 @@ impl Filesystem {
         }
     }
 
+    /// The key of file inode `ino` and its local data, if any.
+    fn file_key(&self, table: &InodeTable, ino: Ino) -> FsResult<(String, Option<Arc<LocalFile>>)> {
+        let key = self.key(&Self::path_of(table, ino)?, FileKind::File);
+        let local = self.cache.get(&key);
+        Ok((key, local))
+    }
+
     fn attr_of(&self, table: &InodeTable, ino: Ino) -> FsResult<Attr> {
         let node = table.get(ino).ok_or_else(FsError::not_found)?;
-        let (size, mtime) = match (&node.local, &node.remote) {
-            (Some(local), _) => (local.size(), local.mtime()),
-            (None, Some(r)) => (r.size, r.mtime),
-            (None, None) => (0, self.mounted_at),
-        };
         let default_perm = match node.kind {
             FileKind::File => self.config.file_mode,
             FileKind::Directory => self.config.dir_mode,
         };
+        let (size, mtime) = match node.kind {
+            FileKind::Directory => (0, self.mounted_at),
+            FileKind::File => match (self.file_key(table, ino)?.1, &node.remote) {
+                (Some(local), _) => (local.size(), local.mtime()),
+                (None, Some(r)) => (r.size, r.mtime),
+                (None, None) => (0, self.mounted_at),
+            },
+        };
         Ok(Attr {
             ino,
             kind: node.kind,
-            size: if node.kind == FileKind::Directory {
-                0
-            } else {
-                size
-            },
+            size,
             mtime: node.mtime.unwrap_or(mtime),
             perm: node.mode.unwrap_or(default_perm),
             uid: node.uid.unwrap_or(self.config.uid),
@@ -189,30 +225,36 @@ impl Filesystem {
         })
     }
 
-    fn is_fresh(&self, validated: Instant) -> bool {
-        validated.elapsed() < self.config.metadata_ttl
+    fn is_fresh(&self, validated: Option<Instant>) -> bool {
+        validated.is_some_and(|v| v.elapsed() < self.config.metadata_ttl)
     }
 
     // ---- name resolution --------------------------------------------------------------------
 
-    /// Find `parent/name`, from the table while fresh, else from S3: a directory if any key lies
-    /// under `name/` (a key that is both an object and a prefix shows as the directory), else a
-    /// file if the object exists. Does not count a kernel lookup.
+    /// Find `parent/name`: local data first (a file written here shows at once), then the table
+    /// while fresh, else S3: a directory if any key lies under `name/` (a key that is both an
+    /// object and a prefix shows as the directory), else a file if the object exists. Does not
+    /// count a kernel lookup.
     async fn resolve(&self, parent: Ino, name: &str) -> FsResult<Ino> {
         check_name(name)?;
         let parent_path = {
-            let table = self.table();
+            let mut table = self.table();
             let node = table.get(parent).ok_or_else(FsError::not_found)?;
             if node.kind != FileKind::Directory {
                 return Err(FsError::errno(libc::ENOTDIR));
             }
-            if let Some(ino) = table.child(parent, name) {
-                let child = table.get(ino).ok_or_else(FsError::not_found)?;
-                if child.local.is_some() || self.is_fresh(child.validated) {
-                    return Ok(ino);
-                }
+            let parent_path = Self::path_of(&table, parent)?;
+            let path = Self::child_path(&parent_path, name);
+            if self.cache.get(&self.key(&path, FileKind::File)).is_some() {
+                let ino = table.upsert_child(parent, name, FileKind::File);
+                return Ok(ino);
             }
-            Self::path_of(&table, parent)?
+            if let Some(ino) = table.child(parent, name)
+                && table.get(ino).is_some_and(|c| self.is_fresh(c.validated))
+            {
+                return Ok(ino);
+            }
+            parent_path
         };
         let path = Self::child_path(&parent_path, name);
         let file_key = self.key(&path, FileKind::File);
@@ -245,7 +287,7 @@ impl Filesystem {
             }
             let ino = table.upsert_child(parent, name, FileKind::Directory);
             if let Some(node) = table.get_mut(ino) {
-                node.validated = Instant::now();
+                node.validated = Some(Instant::now());
             }
             Ok(ino)
         } else if let Some(meta) = head {
@@ -256,15 +298,14 @@ impl Filesystem {
                     etag: meta.etag,
                     mtime: meta.last_modified,
                 });
-                node.validated = Instant::now();
+                node.validated = Some(Instant::now());
             }
             Ok(ino)
+        } else if self.cache.get(&file_key).is_some() {
+            // Created locally while we were asking S3.
+            Ok(table.upsert_child(parent, name, FileKind::File))
         } else {
-            // Gone from S3: forget the stale edge unless something local keeps it alive.
-            if let Some(ino) = table.child(parent, name) {
-                if table.get(ino).is_some_and(|n| n.local.is_some()) {
-                    return Ok(ino);
-                }
+            if table.child(parent, name).is_some() {
                 table.detach(parent, name);
             }
             Err(FsError::not_found())
@@ -296,34 +337,33 @@ impl Filesystem {
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        let refresh = {
+        let key = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if node.kind == FileKind::File && node.local.is_none() && !self.is_fresh(node.validated)
-            {
-                Some(self.key(&Self::path_of(&table, ino)?, FileKind::File))
-            } else {
+            if node.kind == FileKind::Directory || self.is_fresh(node.validated) {
                 return self.attr_of(&table, ino);
             }
-        };
-        if let Some(key) = refresh {
-            match self.store.head(&key).await {
-                Ok(meta) => {
-                    let mut table = self.table();
-                    if let Some(node) = table.get_mut(ino) {
-                        node.remote = Some(Remote {
-                            size: meta.size,
-                            etag: meta.etag,
-                            mtime: meta.last_modified,
-                        });
-                        node.validated = Instant::now();
-                    }
-                }
-                // Deleted behind our back: keep showing what we knew until the next lookup
-                // fails; an open handle still reads its pinned version or gets ESTALE.
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
+            match self.file_key(&table, ino)? {
+                (_, Some(_)) => return self.attr_of(&table, ino),
+                (key, None) => key,
             }
+        };
+        match self.store.head(&key).await {
+            Ok(meta) => {
+                let mut table = self.table();
+                if let Some(node) = table.get_mut(ino) {
+                    node.remote = Some(Remote {
+                        size: meta.size,
+                        etag: meta.etag,
+                        mtime: meta.last_modified,
+                    });
+                    node.validated = Some(Instant::now());
+                }
+            }
+            // Deleted behind our back: keep showing what we knew until the next lookup fails;
+            // an open handle still reads its pinned version or gets ESTALE.
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
         }
         self.attr_of(&self.table(), ino)
     }
@@ -340,6 +380,10 @@ impl Filesystem {
             self.truncate(ino, size).await?;
         }
         let mut table = self.table();
+        let local = match table.get(ino).map(|n| n.kind) {
+            Some(FileKind::File) => self.file_key(&table, ino)?.1,
+            _ => None,
+        };
         let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
         if let Some(mode) = change.mode {
             node.mode = Some((mode & 0o7777) as u16);
@@ -351,7 +395,7 @@ impl Filesystem {
             node.gid = Some(gid);
         }
         if let Some(mtime) = change.mtime {
-            match &node.local {
+            match local {
                 Some(local) => local.set_mtime(mtime),
                 None => node.mtime = Some(mtime),
             }
@@ -360,24 +404,21 @@ impl Filesystem {
     }
 
     async fn truncate(&self, ino: Ino, size: u64) -> FsResult<()> {
-        let existing = {
-            let table = self.table();
-            let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if node.kind == FileKind::Directory {
-                return Err(FsError::errno(libc::EISDIR));
-            }
-            node.local.clone()
-        };
-        if let Some(local) = existing {
-            // Open (or not yet uploaded): change the local data; the next flush uploads it.
-            return Ok(local.set_len(size)?);
+        match self.table().get(ino).map(|n| n.kind) {
+            None => return Err(FsError::not_found()),
+            Some(FileKind::Directory) => return Err(FsError::errno(libc::EISDIR)),
+            Some(FileKind::File) => {}
         }
-        // `truncate(2)` on a closed file: stage it, change it and upload it now.
-        let local = self.stage(ino, size == 0).await?;
-        local.set_len(size)?;
-        let result = self.upload(ino, &local).await;
-        self.unstage_if_idle(ino);
-        result
+        let file = self.stage(ino, size == 0).await?;
+        let growth = size.saturating_sub(file.size());
+        self.cache.reserve(growth).await?;
+        self.cache.set_len(&file, size)?;
+        if file.open_count() == 0 {
+            // `truncate(2)` of a closed file: as good as a close.
+            self.cache.journal_dirty(&file, false)?;
+            self.writeback.enqueue(&file, false);
+        }
+        Ok(())
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -438,6 +479,8 @@ impl Filesystem {
                 None => break,
             }
         }
+        let local: HashMap<String, Arc<LocalFile>> =
+            self.cache.children(&prefix).into_iter().collect();
         let dir_names: HashSet<&str> = dirs.iter().map(String::as_str).collect();
         let mut entries = vec![
             DirEntry {
@@ -453,8 +496,6 @@ impl Filesystem {
                 offset: 2,
             },
         ];
-        let mut table = self.table();
-        let now = Instant::now();
         let push = |entries: &mut Vec<DirEntry>, ino: Ino, kind: FileKind, name: String| {
             let offset = entries.len() as u64 + 1;
             entries.push(DirEntry {
@@ -464,6 +505,8 @@ impl Filesystem {
                 offset,
             });
         };
+        let mut table = self.table();
+        let now = Some(Instant::now());
         for name in &dirs {
             let child = table.upsert_child(ino, name, FileKind::Directory);
             if let Some(node) = table.get_mut(child) {
@@ -493,9 +536,11 @@ impl Filesystem {
             listed.insert(name.clone());
             push(&mut entries, child, FileKind::File, name);
         }
-        for (name, child, kind) in table.local_only_children(ino) {
-            if !listed.contains(&name) && !dir_names.contains(name.as_str()) {
-                push(&mut entries, child, kind, name);
+        // Files written here and not yet in S3 (or not yet in its listing).
+        for name in local.keys() {
+            if !listed.contains(name) && !dir_names.contains(name.as_str()) {
+                let child = table.upsert_child(ino, name, FileKind::File);
+                push(&mut entries, child, FileKind::File, name.clone());
             }
         }
         drop(table);
@@ -551,7 +596,7 @@ impl Filesystem {
         let entry = self.entry(&table, ino)?;
         if let Some(node) = table.get_mut(ino) {
             node.lookups += 1;
-            node.validated = Instant::now();
+            node.validated = Some(Instant::now());
         }
         Ok(entry)
     }
@@ -559,18 +604,15 @@ impl Filesystem {
     pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
         self.writable()?;
         let ino = self.resolve(parent, name).await?;
-        let (prefix, has_local_children) = {
+        let prefix = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if node.kind != FileKind::Directory {
                 return Err(FsError::errno(libc::ENOTDIR));
             }
-            (
-                self.key(&Self::path_of(&table, ino)?, FileKind::Directory),
-                !table.local_only_children(ino).is_empty(),
-            )
+            self.key(&Self::path_of(&table, ino)?, FileKind::Directory)
         };
-        if has_local_children {
+        if !self.cache.children(&prefix).is_empty() {
             return Err(FsError::errno(libc::ENOTEMPTY));
         }
         let page = self
@@ -607,20 +649,21 @@ impl Filesystem {
     ) -> FsResult<(Entry, u64)> {
         self.writable()?;
         check_name(name)?;
-        let local = Arc::new(self.cache.create_file()?);
-        local.mark_dirty(); // a new file is an object to create, even if empty
         let mut table = self.table();
         let parent_node = table.get(parent).ok_or_else(FsError::not_found)?;
         if parent_node.kind != FileKind::Directory {
             return Err(FsError::errno(libc::ENOTDIR));
         }
+        let path = Self::child_path(&Self::path_of(&table, parent)?, name);
+        // A new file is an object to create, even if nothing is ever written to it.
+        let local = self.cache.create(&self.key(&path, FileKind::File), true)?;
+        local.opened();
         let ino = table.upsert_child(parent, name, FileKind::File);
         let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
-        if let Some(old) = node.local.replace(local.clone()) {
-            old.mark_unlinked();
-        }
         node.lookups += 1;
         node.open_handles += 1;
+        node.remote = None;
+        node.validated = None;
         node.mode = Some((mode & 0o7777) as u16).filter(|m| *m != self.config.file_mode);
         let entry = self.entry(&table, ino)?;
         drop(table);
@@ -638,18 +681,18 @@ impl Filesystem {
         if mode.write {
             self.writable()?;
         }
-        let (local, remote, key) = {
+        let (key, local, remote) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if node.kind == FileKind::Directory {
                 return Err(FsError::errno(libc::EISDIR));
             }
-            let key = self.key(&Self::path_of(&table, ino)?, FileKind::File);
+            let (key, local) = self.file_key(&table, ino)?;
             let remote = node
                 .remote
                 .clone()
                 .filter(|_| self.is_fresh(node.validated));
-            (node.local.clone(), remote, key)
+            (key, local, remote)
         };
         let local = match local {
             Some(local) => Some(local),
@@ -659,8 +702,9 @@ impl Filesystem {
         let handle = match local {
             Some(file) => {
                 if mode.truncate && file.size() > 0 {
-                    file.set_len(0)?;
+                    self.cache.set_len(&file, 0)?;
                 }
+                file.opened();
                 Handle::Local {
                     ino,
                     file,
@@ -681,7 +725,7 @@ impl Filesystem {
                         };
                         if let Some(node) = self.table().get_mut(ino) {
                             node.remote = Some(r.clone());
-                            node.validated = Instant::now();
+                            node.validated = Some(Instant::now());
                         }
                         r
                     }
@@ -699,60 +743,48 @@ impl Filesystem {
         Ok(self.insert_handle(handle))
     }
 
-    /// Give `ino` local data: empty when `empty`, else a copy of its object (pinned to the ETag
-    /// we know). If another task staged it meanwhile, that copy wins.
+    /// Give file `ino` local data: empty when `empty`, else a copy of its object (pinned to the
+    /// ETag we know). If another task staged it meanwhile, that copy wins.
     async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<LocalFile>> {
         let (key, remote) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if let Some(local) = &node.local {
-                return Ok(local.clone());
+            match self.file_key(&table, ino)? {
+                (_, Some(local)) => return Ok(local),
+                (key, None) => (key, node.remote.clone()),
             }
-            (
-                self.key(&Self::path_of(&table, ino)?, FileKind::File),
-                node.remote.clone(),
-            )
         };
-        let local = Arc::new(self.cache.create_file()?);
-        if empty {
-            local.mark_dirty();
-        } else if let Some(remote) = &remote {
-            let mut offset = 0;
-            while offset < remote.size {
-                let end = (offset + DOWNLOAD_CHUNK).min(remote.size);
-                let data = self
-                    .store
-                    .get_range(&key, offset..end, Some(&remote.etag))
-                    .await?;
-                if data.len() as u64 != end - offset {
-                    return Err(FsError::with_message(
-                        libc::EIO,
-                        format!("short read of {key}"),
-                    ));
+        let local = self.cache.create_detached(&key)?;
+        match (&remote, empty) {
+            (Some(remote), false) => {
+                self.cache.reserve(remote.size).await?;
+                let mut offset = 0;
+                while offset < remote.size {
+                    let end = (offset + DOWNLOAD_CHUNK).min(remote.size);
+                    let data = self
+                        .store
+                        .get_range(&key, offset..end, Some(&remote.etag))
+                        .await?;
+                    if data.len() as u64 != end - offset {
+                        return Err(FsError::with_message(
+                            libc::EIO,
+                            format!("short read of {key}"),
+                        ));
+                    }
+                    local.fill_at(offset, &data)?;
+                    offset = end;
                 }
-                local.fill_at(offset, &data)?;
-                offset = end;
+                local.set_mtime(remote.mtime);
+                local.set_etag(remote.etag.clone());
             }
-            local.set_mtime(remote.mtime);
-        } else {
-            // Known to the table but never uploaded and no local data: an empty new object.
-            local.mark_dirty();
+            // Truncated, or known to the table but not in S3: a new (possibly empty) object.
+            _ => local.mark_dirty(),
         }
-        let mut table = self.table();
-        let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
-        Ok(node.local.get_or_insert(local).clone())
-    }
-
-    /// Drop `ino`'s local data if it is clean and nothing has it open.
-    fn unstage_if_idle(&self, ino: Ino) {
-        let mut table = self.table();
-        if let Some(node) = table.get_mut(ino) {
-            let idle = node.open_handles == 0 && node.local.as_ref().is_some_and(|l| !l.is_dirty());
-            if idle {
-                node.local = None;
-            }
+        let local = self.cache.insert_if_absent(local);
+        if let Some(node) = self.table().get_mut(ino) {
+            node.validated = None;
         }
-        table.collect(ino);
+        Ok(local)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -783,33 +815,48 @@ impl Filesystem {
                 _ => return Err(FsError::errno(libc::EBADF)),
             }
         };
-        if append {
-            file.append(data)?;
-        } else {
-            file.write_at(offset, data)?;
+        let end = if append { file.size() } else { offset } + data.len() as u64;
+        let growth = end.saturating_sub(file.size());
+        if growth > 0 {
+            self.cache.reserve(growth).await?;
         }
+        self.cache.write(&file, offset, data, append)?;
         Ok(data.len() as u32)
     }
 
-    fn handle_ino(&self, fh: u64) -> FsResult<(Ino, Option<Arc<LocalFile>>)> {
+    fn handle_file(&self, fh: u64) -> FsResult<Option<Arc<LocalFile>>> {
         match self.handle_table().get(&fh) {
-            Some(Handle::Local { ino, file, .. }) => Ok((*ino, Some(file.clone()))),
-            Some(Handle::Remote { ino, .. }) => Ok((*ino, None)),
+            Some(Handle::Local { file, .. }) => Ok(Some(file.clone())),
+            Some(Handle::Remote { .. }) => Ok(None),
             _ => Err(FsError::errno(libc::EBADF)),
         }
     }
 
-    /// `close` of one descriptor: upload the file if it changed.
+    /// `close` of one descriptor: a changed file is journaled (it now survives a daemon crash)
+    /// and queued for upload after the write-back delay.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        match self.handle_ino(fh)? {
-            (ino, Some(file)) => self.upload(ino, &file).await,
-            (_, None) => Ok(()),
+        if let Some(file) = self.handle_file(fh)?
+            && file.is_dirty()
+        {
+            self.cache.journal_dirty(&file, false)?;
+            self.writeback.enqueue(&file, false);
         }
+        Ok(())
     }
 
     /// `fsync`: returns once the file's current contents are an object in S3.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        let Some(file) = self.handle_file(fh)? else {
+            return Ok(());
+        };
+        if !file.is_dirty() {
+            return Ok(());
+        }
+        self.cache.journal_dirty(&file, true)?;
+        self.writeback
+            .sync(&file)
+            .await
+            .map_err(|e| FsError::with_message(libc::EIO, format!("fsync of {}: {e}", file.key())))
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
@@ -818,104 +865,42 @@ impl Filesystem {
             return Err(FsError::errno(libc::EBADF));
         };
         let ino = match handle {
-            Handle::Local { ino, .. } | Handle::Remote { ino, .. } => ino,
+            Handle::Local { ino, file, .. } => {
+                file.closed();
+                ino
+            }
+            Handle::Remote { ino, .. } => ino,
             Handle::Dir { .. } => return Ok(()),
         };
-        let last = {
-            let mut table = self.table();
-            match table.get_mut(ino) {
-                Some(node) => {
-                    node.open_handles = node.open_handles.saturating_sub(1);
-                    node.open_handles == 0
-                }
-                None => false,
-            }
-        };
-        if !last {
-            return Ok(());
-        }
-        let local = self.table().get(ino).and_then(|n| n.local.clone());
-        let mut result = Ok(());
-        if let Some(local) = local
-            && local.is_dirty()
-        {
-            // The flush at close failed: try once more before giving up the descriptor.
-            result = self.upload(ino, &local).await;
-            if let Err(e) = &result {
-                tracing::error!(
-                    path = %local.path().display(),
-                    "upload failed at release; the data stays in the cache file: {e}"
-                );
-            }
-        }
-        self.unstage_if_idle(ino);
-        result
-    }
-
-    /// Upload `file` as the object of `ino` if it has changes; marks it clean on success.
-    async fn upload(&self, ino: Ino, file: &Arc<LocalFile>) -> FsResult<()> {
-        let _serial = file.upload_lock.lock().await;
-        if !file.is_dirty() {
-            return Ok(());
-        }
-        let key = {
-            let table = self.table();
-            self.key(&Self::path_of(&table, ino)?, FileKind::File)
-        };
-        let snapshot = file.snapshot();
-        let etag = self
-            .uploader
-            .upload_file(&key, file.path(), snapshot.size, &PutOptions::default())
-            .await?;
-        if file.mark_clean(snapshot) {
-            tracing::debug!(key, size = snapshot.size, etag, "uploaded");
-        }
         let mut table = self.table();
         if let Some(node) = table.get_mut(ino) {
-            node.remote = Some(Remote {
-                size: snapshot.size,
-                etag,
-                mtime: file.mtime(),
-            });
-            node.validated = Instant::now();
+            node.open_handles = node.open_handles.saturating_sub(1);
         }
+        table.collect(ino);
         Ok(())
     }
 
-    /// Upload every file with unsaved changes (`syncfs`, unmount, SIGTERM).
-    pub async fn sync_all(&self) -> FsResult<()> {
-        let files = self.table().local_files();
-        let mut first_error = Ok(());
-        for (ino, file) in files {
-            if file.is_dirty()
-                && let Err(e) = self.upload(ino, &file).await
-            {
-                tracing::error!(path = %file.path().display(), "upload failed: {e}");
-                if first_error.is_ok() {
-                    first_error = Err(e);
-                }
-            }
-        }
-        first_error
+    /// `syncfs`, unmount, SIGTERM: upload every dirty file now and wait (at most `timeout`).
+    /// Returns how many files are still dirty (their data stays journaled in the cache).
+    pub async fn drain(&self, timeout: std::time::Duration) -> usize {
+        self.writeback.drain(timeout).await
     }
 
     pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
         self.writable()?;
         let ino = self.resolve(parent, name).await?;
-        let (key, local) = {
+        let key = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if node.kind == FileKind::Directory {
                 return Err(FsError::errno(libc::EISDIR));
             }
-            (
-                self.key(&Self::path_of(&table, ino)?, FileKind::File),
-                node.local.clone(),
-            )
+            self.key(&Self::path_of(&table, ino)?, FileKind::File)
         };
-        if let Some(local) = local {
-            // Open handles keep their data; no close will re-create the object.
-            local.mark_unlinked();
+        // Open handles keep their data; no upload will re-create the object. An upload already
+        // running finishes first, so the delete below is the last word.
+        if let Some(file) = self.cache.remove(&key) {
+            let _after_upload = file.upload_lock.lock().await;
         }
         self.store.delete(&key).await?;
         let mut table = self.table();
@@ -947,7 +932,7 @@ impl Filesystem {
         if target == Some(ino) {
             return Ok(());
         }
-        let (kind, old_key, new_key, local, has_remote) = {
+        let (kind, old_key, new_key, has_remote) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if let Some(t) = target {
@@ -970,7 +955,6 @@ impl Filesystem {
                 node.kind,
                 self.key(&Self::path_of(&table, ino)?, node.kind),
                 self.key(&new_path, node.kind),
-                node.local.clone(),
                 node.remote.is_some(),
             )
         };
@@ -979,41 +963,44 @@ impl Filesystem {
             // mv(1) fall back to copying the tree and removing the original.
             return Err(FsError::errno(libc::EXDEV));
         }
+        let local = self.cache.get(&old_key);
         let dirty = local.as_ref().is_some_and(|l| l.is_dirty());
-        // Copy first: if it fails, nothing has changed. The copy is a new object with an ETag
-        // of its own (a copied multipart object gets a single-part ETag).
+        // Clean: copy first (if it fails, nothing has changed). The copy is a new object with
+        // an ETag of its own (a copied multipart object gets a single-part ETag).
         let copied_etag = if !dirty && has_remote {
             Some(self.store.copy(&old_key, &new_key, None).await?)
         } else {
             None
         };
+        // Dirty: the local data is the newest version; it is simply re-keyed and uploaded under
+        // the new name (an upload under the old key in flight is voided and finishes first).
+        self.cache.rekey(&old_key, &new_key)?;
+        if let Some(local) = &local {
+            match &copied_etag {
+                Some(etag) => local.set_etag(etag.clone()),
+                None if dirty => {
+                    let _after_upload = local.upload_lock.lock().await;
+                    self.cache.journal_dirty(local, false)?;
+                    self.writeback.enqueue(local, false);
+                }
+                None => {}
+            }
+        }
         {
             let mut table = self.table();
-            if let Some(t) = target
-                .and_then(|t| table.get(t))
-                .and_then(|t| t.local.clone())
-            {
-                t.mark_unlinked();
-            }
             table.rename(ino, new_parent, new_name);
-            if let (Some(etag), Some(node)) = (copied_etag, table.get_mut(ino)) {
-                if let Some(remote) = &mut node.remote {
+            if let Some(node) = table.get_mut(ino) {
+                if let (Some(etag), Some(remote)) = (copied_etag, &mut node.remote) {
                     remote.etag = etag;
+                    node.validated = Some(Instant::now());
+                } else if dirty {
+                    node.remote = None;
+                    node.validated = None;
                 }
-                node.validated = Instant::now();
             }
         }
-        if dirty {
-            // The local copy is the newest version: it goes to the new key now (or at close).
-            let open = self.table().get(ino).is_some_and(|n| n.open_handles > 0);
-            if let (Some(local), false) = (&local, open) {
-                self.upload(ino, local).await?;
-                self.unstage_if_idle(ino);
-            }
-        }
-        if has_remote {
-            self.store.delete(&old_key).await?;
-        }
+        // The old key may hold an object (uploaded earlier, or by the upload that just ended).
+        self.store.delete(&old_key).await?;
         Ok(())
     }
 }

@@ -19,3 +19,4 @@ pub mod mount;
 pub mod read;
 pub mod store;
 pub mod upload;
+pub mod writeback;

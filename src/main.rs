@@ -58,7 +58,7 @@ async fn serve(config: Config) -> Result<bool, StartError> {
         announce_ready(&config);
     }
     mounted.wait().await;
-    Ok(mounted.shutdown().await)
+    Ok(mounted.shutdown(config.drain_timeout).await)
 }
 
 /// In the detached child: once the mount answers, tell the parent and let go of its pipe.

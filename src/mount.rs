@@ -88,12 +88,7 @@ pub fn mount(
     runtime: tokio::runtime::Handle,
 ) -> Result<Mounted, StartError> {
     let fs = Filesystem::new(store, config.source.prefix().to_string(), config.fs.clone())
-        .map_err(|e| {
-            StartError(format!(
-                "cannot create the cache directory {}: {e}",
-                config.cache_dir().display()
-            ))
-        })?;
+        .map_err(|e| StartError(e.to_string()))?;
     let fs = Arc::new(fs);
     let mut options = vec![
         fuser::MountOption::FSName(config.source.url()),
@@ -162,17 +157,19 @@ impl Mounted {
         Stop::Unmounted
     }
 
-    /// Upload everything pending, then unmount. Returns whether all data reached the store.
-    pub async fn shutdown(self) -> bool {
-        let synced = match self.fs.sync_all().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(
-                    "not every file could be uploaded; their data stays in the cache: {e}"
-                );
-                false
-            }
-        };
+    /// Upload everything pending (at most `drain_timeout`), then unmount. Returns whether all
+    /// data reached the store.
+    pub async fn shutdown(self, drain_timeout: Duration) -> bool {
+        let left = self.fs.drain(drain_timeout).await;
+        let synced = left == 0;
+        if synced {
+            tracing::info!("every change is in the bucket");
+        } else {
+            tracing::error!(
+                files = left,
+                "drain timed out: these files stay journaled in the cache and upload at the next start"
+            );
+        }
         let session = self.session;
         let unmounted = tokio::task::spawn_blocking(move || {
             // Unmounted from outside: the session has ended, only the thread remains to join.

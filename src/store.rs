@@ -22,10 +22,12 @@ use bytes::Bytes;
 
 pub mod conformance;
 mod dir;
+mod faulty;
 mod memory;
 mod s3;
 
 pub use dir::DirStore;
+pub use faulty::{FaultyCall, FaultyOutcome, FaultyStore};
 pub use memory::MemoryStore;
 pub use s3::{AddressingStyle, S3Config, S3Store};
 

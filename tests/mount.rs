@@ -31,6 +31,37 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Write a file and fsync it: when this returns, the object is in the bucket.
+fn write_synced(path: &std::path::Path, bytes: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Wait (up to 30 s) until the object `key` holds `expected` (the write-back uploader sends a
+/// closed file about a second later), then assert it.
+async fn wait_object(client: &aws_sdk_s3::Client, bucket: &str, key: &str, expected: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = list_keys(client, bucket, key).await;
+        if keys.iter().any(|k| k == key) {
+            let got = get_object(client, bucket, key).await;
+            if got == expected || Instant::now() > deadline {
+                assert!(
+                    got == expected,
+                    "object {key}: {} bytes, expected {}",
+                    got.len(),
+                    expected.len()
+                );
+                return;
+            }
+        } else if Instant::now() > deadline {
+            panic!("object {key} never appeared");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     match r {
         Ok(_) => panic!("expected an error"),
@@ -74,7 +105,7 @@ async fn files_round_trip_as_objects_under_the_prefix(server: Server) {
     for (i, size) in sizes.iter().enumerate() {
         let name = format!("file-{size}.bin");
         let bytes = data(*size, i as u64);
-        std::fs::write(m.join(&name), &bytes).unwrap();
+        write_synced(&m.join(&name), &bytes);
         let stored = get_object(&client, &bucket, &format!("owui/{name}")).await;
         assert!(
             stored == bytes,
@@ -174,7 +205,7 @@ async fn nested_directories_mkdir_and_rmdir(server: Server) {
     let client = sdk_client(server).await;
     let m = Mount::s3(server, &bucket, "p", &[]);
     std::fs::create_dir_all(m.join("a/b/c")).unwrap();
-    std::fs::write(m.join("a/b/c/f.txt"), b"deep").unwrap();
+    write_synced(&m.join("a/b/c/f.txt"), b"deep");
     let mut keys = list_keys(&client, &bucket, "").await;
     keys.sort();
     assert_eq!(keys, ["p/a/", "p/a/b/", "p/a/b/c/", "p/a/b/c/f.txt"]);
@@ -207,7 +238,7 @@ async fn rename_and_unlink_files(server: Server) {
     std::fs::rename(m.join("old.bin"), m.join("dir/new.bin")).unwrap();
     assert_eq!(errno_of(std::fs::metadata(m.join("old.bin"))), libc::ENOENT);
     assert!(std::fs::read(m.join("dir/new.bin")).unwrap() == body);
-    assert!(get_object(&client, &bucket, "dir/new.bin").await == body);
+    wait_object(&client, &bucket, "dir/new.bin", &body).await;
     assert!(
         !list_keys(&client, &bucket, "")
             .await
@@ -218,16 +249,13 @@ async fn rename_and_unlink_files(server: Server) {
     std::fs::write(m.join("b.txt"), b"B").unwrap();
     std::fs::rename(m.join("a.txt"), m.join("b.txt")).unwrap();
     assert_eq!(std::fs::read(m.join("b.txt")).unwrap(), b"A");
-    assert_eq!(get_object(&client, &bucket, "b.txt").await, b"A");
+    wait_object(&client, &bucket, "b.txt", b"A").await;
     // The temp-file-then-rename pattern, with the temp file still open for writing.
     let mut tmp = std::fs::File::create(m.join(".tmp-save")).unwrap();
     tmp.write_all(b"saved atomically").unwrap();
     std::fs::rename(m.join(".tmp-save"), m.join("saved.txt")).unwrap();
     drop(tmp);
-    assert_eq!(
-        get_object(&client, &bucket, "saved.txt").await,
-        b"saved atomically"
-    );
+    wait_object(&client, &bucket, "saved.txt", b"saved atomically").await;
     std::fs::remove_file(m.join("b.txt")).unwrap();
     assert_eq!(errno_of(std::fs::read(m.join("b.txt"))), libc::ENOENT);
     let mut keys = list_keys(&client, &bucket, "").await;
@@ -251,11 +279,7 @@ async fn odd_names_map_byte_for_byte(server: Server) {
     }
     for (i, name) in names.iter().enumerate() {
         let key = format!("owui/{name}");
-        assert_eq!(
-            get_object(&client, &bucket, &key).await,
-            format!("content {i}").as_bytes(),
-            "{key}"
-        );
+        wait_object(&client, &bucket, &key, format!("content {i}").as_bytes()).await;
     }
     let mut listed: Vec<Vec<u8>> = std::fs::read_dir(m.path())
         .unwrap()
@@ -308,7 +332,7 @@ async fn overwrite_truncate_and_partial_writes(server: Server) {
     f.write_all(b"PATCH").unwrap();
     drop(f);
     expected[4 * MIB..4 * MIB + 5].copy_from_slice(b"PATCH");
-    assert!(get_object(&client, &bucket, "f.bin").await == expected);
+    wait_object(&client, &bucket, "f.bin", &expected).await;
     // Append.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -317,7 +341,7 @@ async fn overwrite_truncate_and_partial_writes(server: Server) {
     f.write_all(b"TAIL").unwrap();
     drop(f);
     expected.extend_from_slice(b"TAIL");
-    assert!(get_object(&client, &bucket, "f.bin").await == expected);
+    wait_object(&client, &bucket, "f.bin", &expected).await;
     // truncate(2) on a closed file: shrink and grow.
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -325,10 +349,7 @@ async fn overwrite_truncate_and_partial_writes(server: Server) {
         .unwrap();
     f.set_len(1000).unwrap();
     drop(f);
-    assert_eq!(
-        get_object(&client, &bucket, "f.bin").await,
-        &expected[..1000]
-    );
+    wait_object(&client, &bucket, "f.bin", &expected[..1000]).await;
     std::process::Command::new("truncate")
         .args(["-s", "2000"])
         .arg(m.join("f.bin"))
@@ -336,10 +357,10 @@ async fn overwrite_truncate_and_partial_writes(server: Server) {
         .unwrap();
     let mut grown = expected[..1000].to_vec();
     grown.resize(2000, 0);
-    assert_eq!(get_object(&client, &bucket, "f.bin").await, grown);
+    wait_object(&client, &bucket, "f.bin", &grown).await;
     // O_TRUNC overwrite.
     std::fs::write(m.join("f.bin"), b"short").unwrap();
-    assert_eq!(get_object(&client, &bucket, "f.bin").await, b"short");
+    wait_object(&client, &bucket, "f.bin", b"short").await;
     assert_eq!(std::fs::read(m.join("f.bin")).unwrap(), b"short");
 }
 

@@ -379,3 +379,15 @@ async fn s3_store_conformance_seaweedfs() {
 async fn s3_store_conformance_localstack() {
     s3_conformance(Server::LocalStack).await;
 }
+
+/// The fault-injecting wrapper is transparent when no fault is set: it passes the whole suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faulty_store_without_faults_conformance() {
+    let store = bucketfs::store::FaultyStore::new(std::sync::Arc::new(MemoryStore::new()));
+    assert_eq!(store.describe(), "faulty+memory://");
+    store.check_access().await.unwrap();
+    conformance::run(&store, "conformance", &Profile::strict()).await;
+    assert_eq!(store.total_failures(), 0);
+    assert!(store.calls("put") > 0 && store.calls("upload_part") > 0);
+    assert!(list_keys(&store, "").await.is_empty());
+}

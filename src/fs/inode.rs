@@ -6,11 +6,9 @@
 //! held across an `.await`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::types::{FileKind, Ino, ROOT_INO};
-use crate::cache::LocalFile;
 
 /// What S3 last told us about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,10 +25,9 @@ pub struct Inode {
     pub kind: FileKind,
     /// The object in S3 (`None`: not uploaded yet, or a directory without a marker).
     pub remote: Option<Remote>,
-    /// When `remote` (or the directory's existence) was last confirmed with S3.
-    pub validated: Instant,
-    /// Local data: present while the file is open for writing or not yet uploaded.
-    pub local: Option<Arc<LocalFile>>,
+    /// When `remote` (or the directory's existence) was last confirmed with S3; `None` forces
+    /// the next stat to ask S3 (set while the file has local data, whose size and mtime win).
+    pub validated: Option<Instant>,
     /// Kernel lookup count (`lookup` adds one, `forget` subtracts).
     pub lookups: u64,
     /// Open handles.
@@ -51,8 +48,7 @@ impl Inode {
             name,
             kind,
             remote: None,
-            validated: Instant::now(),
-            local: None,
+            validated: Some(Instant::now()),
             lookups: 0,
             open_handles: 0,
             mode: None,
@@ -65,7 +61,7 @@ impl Inode {
 
     /// An inode that must stay even when the kernel forgets it.
     fn pinned(&self) -> bool {
-        self.lookups > 0 || self.open_handles > 0 || self.local.is_some()
+        self.lookups > 0 || self.open_handles > 0
     }
 }
 
@@ -202,29 +198,6 @@ impl InodeTable {
                 self.collect_detached(child);
             }
         }
-    }
-
-    /// Children of `parent` that exist only locally (created, not yet in S3).
-    pub fn local_only_children(&self, parent: Ino) -> Vec<(String, Ino, FileKind)> {
-        let Some(dir) = self.inodes.get(&parent) else {
-            return Vec::new();
-        };
-        dir.children
-            .iter()
-            .filter_map(|(name, ino)| {
-                let node = self.inodes.get(ino)?;
-                (node.local.is_some() && node.remote.is_none())
-                    .then(|| (name.clone(), *ino, node.kind))
-            })
-            .collect()
-    }
-
-    /// Every inode holding local data (for `sync_all`).
-    pub fn local_files(&self) -> Vec<(Ino, Arc<LocalFile>)> {
-        self.inodes
-            .iter()
-            .filter_map(|(ino, n)| n.local.as_ref().map(|l| (*ino, l.clone())))
-            .collect()
     }
 }
 

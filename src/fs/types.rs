@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use crate::cache::CacheLimits;
+
 pub type Ino = u64;
 /// The kernel's fixed inode number for the mount's root.
 pub const ROOT_INO: Ino = 1;
@@ -24,8 +26,14 @@ pub struct FsConfig {
     pub part_size: u64,
     /// Parts of one upload in flight at once.
     pub upload_concurrency: usize,
+    /// Quiet time after a close before the file is uploaded (rewrites within it coalesce).
+    pub writeback_delay: Duration,
+    /// Files uploading at once.
+    pub max_uploads: usize,
     /// This mount's cache directory.
     pub cache_dir: PathBuf,
+    /// The cache's byte budget and back-pressure timeout.
+    pub cache_limits: CacheLimits,
 }
 
 impl Default for FsConfig {
@@ -39,7 +47,10 @@ impl Default for FsConfig {
             metadata_ttl: Duration::from_secs(1),
             part_size: 8 << 20,
             upload_concurrency: 4,
+            writeback_delay: Duration::from_secs(1),
+            max_uploads: 8,
             cache_dir: std::env::temp_dir().join("bucketfs-cache"),
+            cache_limits: CacheLimits::default(),
         }
     }
 }

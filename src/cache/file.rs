@@ -1,0 +1,346 @@
+//! One file's local data: the data file plus its in-memory state.
+//!
+//! Every change bumps a *generation*; an upload snapshots the generation first and marks the file
+//! clean only if no change happened meanwhile, so a rewrite during an upload is never lost and an
+//! older generation never passes for the newest. Writes hold the state lock across the `pwrite`,
+//! so a snapshot read under the same lock is consistent.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use super::journal::{FORMAT, Record, UploadRecord};
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub key: String,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Bumped by every change.
+    pub generation: u64,
+    /// The generation known to be in S3.
+    pub clean_generation: u64,
+    /// The name was unlinked: never upload again.
+    pub unlinked: bool,
+    /// Open descriptors (an open file is never evicted).
+    pub open: u32,
+    /// ETag of the object this data equals, when clean.
+    pub etag: Option<String>,
+    /// A journal record exists (the file is dirty and was closed, or is uploading).
+    pub journaled: bool,
+    /// The multipart upload in progress, mirrored in the journal.
+    pub upload: Option<UploadRecord>,
+    /// When the uploader should next try (None: not queued).
+    pub due: Option<Instant>,
+    /// Consecutive failed upload attempts, and the last failure.
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct LocalFile {
+    id: u64,
+    path: PathBuf,
+    file: File,
+    pub(super) state: Mutex<State>,
+    /// Serialises uploads of this file.
+    pub upload_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever the file becomes clean or an upload attempt fails (fsync waits on it).
+    pub changed: tokio::sync::Notify,
+}
+
+/// A consistent view of a local file for an upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub key: String,
+    pub size: u64,
+    pub generation: u64,
+}
+
+impl LocalFile {
+    pub(super) fn new(
+        id: u64,
+        path: PathBuf,
+        file: File,
+        key: String,
+        size: u64,
+        mtime: SystemTime,
+    ) -> LocalFile {
+        LocalFile {
+            id,
+            path,
+            file,
+            state: Mutex::new(State {
+                key,
+                size,
+                mtime,
+                generation: 0,
+                clean_generation: 0,
+                unlinked: false,
+                open: 0,
+                etag: None,
+                journaled: false,
+                upload: None,
+                due: None,
+                failures: 0,
+                last_error: None,
+            }),
+            upload_lock: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a panic mid-update of plain values: they are still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn key(&self) -> String {
+        self.state().key.clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state().size
+    }
+
+    pub fn mtime(&self) -> SystemTime {
+        self.state().mtime
+    }
+
+    pub fn etag(&self) -> Option<String> {
+        self.state().etag.clone()
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        let s = self.state();
+        s.generation != s.clean_generation && !s.unlinked
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        self.state().unlinked
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// Whether generation `g` (or a later one) is in S3, or the file no longer needs uploading.
+    pub fn is_clean_since(&self, g: u64) -> bool {
+        let s = self.state();
+        s.clean_generation >= g || s.unlinked
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.state().last_error.clone()
+    }
+
+    /// Count a failed upload attempt; returns the number of consecutive failures.
+    pub fn record_failure(&self, error: String) -> u32 {
+        let mut s = self.state();
+        s.failures += 1;
+        s.last_error = Some(error);
+        s.failures
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.state().failures
+    }
+
+    /// The ETag of the object this (clean) data equals.
+    pub fn set_etag(&self, etag: String) {
+        self.state().etag = Some(etag);
+    }
+
+    /// The multipart upload the journal holds for this file, if any.
+    pub fn journaled_upload(&self) -> Option<UploadRecord> {
+        self.state().upload.clone()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.state();
+        Snapshot {
+            key: s.key.clone(),
+            size: s.size,
+            generation: s.generation,
+        }
+    }
+
+    /// The whole file and its snapshot, read under the state lock (for small uploads).
+    pub fn read_snapshot(&self) -> io::Result<(Snapshot, Vec<u8>)> {
+        let s = self.state();
+        let mut buf = vec![0u8; s.size as usize];
+        self.file.read_exact_at(&mut buf, 0)?;
+        Ok((
+            Snapshot {
+                key: s.key.clone(),
+                size: s.size,
+                generation: s.generation,
+            },
+            buf,
+        ))
+    }
+
+    /// Record that `snapshot` is in S3 as `etag`; returns false if the file changed since.
+    pub fn mark_clean(&self, snapshot: &Snapshot, etag: String) -> bool {
+        let mut s = self.state();
+        if s.generation != snapshot.generation || s.key != snapshot.key {
+            return false;
+        }
+        s.clean_generation = snapshot.generation;
+        s.etag = Some(etag);
+        s.upload = None;
+        s.failures = 0;
+        s.last_error = None;
+        s.due = None;
+        true
+    }
+
+    pub fn mark_dirty(&self) {
+        let mut s = self.state();
+        s.generation += 1;
+        s.mtime = SystemTime::now();
+    }
+
+    pub(super) fn mark_unlinked(&self) {
+        self.state().unlinked = true;
+        self.changed.notify_waiters();
+    }
+
+    pub fn open_count(&self) -> u32 {
+        self.state().open
+    }
+
+    pub fn opened(&self) {
+        self.state().open += 1;
+    }
+
+    pub fn closed(&self) {
+        let mut s = self.state();
+        s.open = s.open.saturating_sub(1);
+    }
+
+    pub fn read_at(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let size = self.size();
+        let len = (len as u64).min(size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let n = self.file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break; // a shrink raced with this read: return what exists
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// `pwrite` at `offset` (or at the end with `append`), under the state lock; `on_change`
+    /// runs, still under the lock, when the change voids a journaled multipart upload (its
+    /// parts no longer match the data, so it must never be resumed).
+    pub(super) fn write_with(
+        &self,
+        offset: u64,
+        data: &[u8],
+        append: bool,
+        on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let mut s = self.state();
+        let offset = if append { s.size } else { offset };
+        self.file.write_all_at(data, offset)?;
+        s.size = s.size.max(offset + data.len() as u64);
+        self.changed_locked(&mut s, on_void)?;
+        Ok(offset)
+    }
+
+    pub(super) fn set_len_with(
+        &self,
+        size: u64,
+        on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut s = self.state();
+        self.file.set_len(size)?;
+        s.size = size;
+        self.changed_locked(&mut s, on_void)
+    }
+
+    fn changed_locked(
+        &self,
+        s: &mut State,
+        on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
+    ) -> io::Result<()> {
+        s.generation += 1;
+        s.mtime = SystemTime::now();
+        if s.upload.take().is_some() {
+            on_void(self, s)?;
+        }
+        Ok(())
+    }
+
+    /// A write with no journal attached (tests and files never journaled).
+    pub fn write(&self, offset: u64, data: &[u8], append: bool) -> io::Result<u64> {
+        self.write_with(offset, data, append, |_, _| Ok(()))
+    }
+
+    /// Fill from downloaded bytes without making the file dirty (it matches S3).
+    pub fn fill_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        let mut s = self.state();
+        s.size = s.size.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    pub fn set_mtime(&self, mtime: SystemTime) {
+        self.state().mtime = mtime;
+    }
+
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The journal record describing this file now.
+    pub(super) fn record(&self) -> Record {
+        self.record_locked(&self.state())
+    }
+
+    pub(super) fn record_locked(&self, s: &State) -> Record {
+        Record {
+            format: FORMAT,
+            key: s.key.clone(),
+            id: self.id,
+            size: s.size,
+            mtime_ns: s
+                .mtime
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+            upload: s.upload.clone(),
+        }
+    }
+}
+
+impl Drop for LocalFile {
+    fn drop(&mut self) {
+        let s = self.state();
+        if s.journaled && !s.unlinked {
+            return; // dirty data the journal still points at: the next start uploads it
+        }
+        drop(s);
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), "cannot remove cache file: {e}");
+        }
+    }
+}

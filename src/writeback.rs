@@ -1,0 +1,499 @@
+//! The write-back uploader: turns dirty cached files into objects in the background.
+//!
+//! `close` journals a dirty file and queues it here; the scheduler uploads it once it has been
+//! quiet for `delay` (so quick rewrites coalesce into one upload), with at most `max_uploads`
+//! files in flight. `fsync` and the shutdown drain queue files for right now and wait.
+//!
+//! One upload of one file:
+//! - below the part size: the file is read under its state lock (a consistent snapshot) and sent
+//!   as one PutObject;
+//! - otherwise a multipart upload whose id and finished parts are journaled durably as they
+//!   happen; after a crash the upload resumes with ListParts and sends only the missing parts.
+//!   Before completing, the data's generation is checked: if the file changed during the upload,
+//!   the upload is aborted (it would publish a torn mix) and the file stays queued.
+//!
+//! Failures are never dropped: transient ones (network, 5xx, throttling) retry with exponential
+//! backoff and jitter, permanent ones (access denied, missing bucket) are logged loudly and
+//! retried slowly; the file stays dirty and readable from the cache throughout.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::cache::journal::UploadRecord;
+use crate::cache::{Cache, LocalFile, Snapshot};
+use crate::store::{Body, CompletedPart, ObjectStore, PutOptions, StoreError};
+use crate::upload::{effective_part_size, plan_parts};
+
+/// First retry delay after a transient failure; doubles per failure up to `MAX_BACKOFF`.
+const BASE_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Retry delay after a permanent failure (access denied…): slow, but never give up on data.
+const PERMANENT_RETRY: Duration = Duration::from_secs(60);
+/// The scheduler re-scans at least this often.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct WriteBackConfig {
+    /// Quiet time after the last close before a file is uploaded.
+    pub delay: Duration,
+    /// Files uploading at once.
+    pub max_uploads: usize,
+    /// Multipart part size, and parts in flight per file.
+    pub part_size: u64,
+    pub part_concurrency: usize,
+}
+
+/// Why an upload attempt did not make the file clean.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("local cache: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the file changed during the upload")]
+    Superseded,
+}
+
+impl UploadError {
+    fn is_permanent(&self) -> bool {
+        match self {
+            UploadError::Store(e) => !e.is_transient(),
+            UploadError::Io(_) => true,
+            UploadError::Superseded => false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Queued files by id, with the instant they are due.
+    due: HashMap<u64, (Instant, Arc<LocalFile>)>,
+    /// Ids being uploaded now.
+    running: HashMap<u64, Arc<LocalFile>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    cache: Arc<Cache>,
+    config: WriteBackConfig,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    uploads: Arc<Semaphore>,
+    uploaded: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Handle to the uploader; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WriteBack {
+    inner: Arc<Inner>,
+}
+
+impl WriteBack {
+    /// Start the scheduler on the current tokio runtime.
+    pub fn start(
+        store: Arc<dyn ObjectStore>,
+        cache: Arc<Cache>,
+        config: WriteBackConfig,
+    ) -> WriteBack {
+        let uploads = Arc::new(Semaphore::new(config.max_uploads.max(1)));
+        let inner = Arc::new(Inner {
+            store,
+            cache,
+            config,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            uploads,
+            uploaded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        });
+        tokio::spawn(scheduler(Arc::downgrade(&inner)));
+        WriteBack { inner }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.inner.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue `file` for upload after the write-back delay (or now with `now`). A file already
+    /// queued keeps the earlier of the two times, except that a plain enqueue restarts the
+    /// quiet period (the file was just written again).
+    pub fn enqueue(&self, file: &Arc<LocalFile>, now: bool) {
+        let at = if now {
+            Instant::now()
+        } else {
+            Instant::now() + self.inner.config.delay
+        };
+        let mut q = self.queue();
+        let entry = q.due.entry(file.id()).or_insert((at, file.clone()));
+        entry.0 = if now { entry.0.min(at) } else { at };
+        drop(q);
+        self.inner.wake.notify_one();
+    }
+
+    /// `fsync`: upload `file` now and wait until its current contents are in S3. Returns the
+    /// error of a failed attempt (the file stays queued and is retried in the background).
+    pub async fn sync(&self, file: &Arc<LocalFile>) -> Result<(), UploadError> {
+        let generation = file.generation();
+        let failures = file.failures();
+        loop {
+            let changed = file.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if file.is_clean_since(generation) {
+                return Ok(());
+            }
+            if file.failures() > failures {
+                let error = file.last_error().unwrap_or_default();
+                return Err(UploadError::Store(StoreError::Other(error)));
+            }
+            self.enqueue(file, true);
+            changed.await;
+        }
+    }
+
+    /// Upload every dirty file now and wait until none is left or `timeout` passes, logging
+    /// progress. Returns the number of files still dirty.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut last_log = Instant::now();
+        loop {
+            let dirty = self.inner.cache.dirty_files();
+            if dirty.is_empty() {
+                return 0;
+            }
+            for f in &dirty {
+                self.enqueue(f, true);
+            }
+            if Instant::now() >= deadline {
+                return dirty.len();
+            }
+            if last_log.elapsed() >= Duration::from_secs(2) {
+                let bytes: u64 = dirty.iter().map(|f| f.size()).sum();
+                tracing::info!(files = dirty.len(), bytes, "draining: waiting for uploads");
+                last_log = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// (files queued or uploading, uploads done, failed attempts).
+    pub fn stats(&self) -> (usize, u64, u64) {
+        let q = self.queue();
+        (
+            q.due.len() + q.running.len(),
+            self.inner.uploaded.load(Ordering::Relaxed),
+            self.inner.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Pick due files, start their uploads within the concurrency limit, sleep until the next one.
+async fn scheduler(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(this) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut next = now + IDLE_TICK;
+        let mut ready = Vec::new();
+        {
+            let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids: Vec<(Instant, u64)> =
+                q.due.iter().map(|(id, (at, _))| (*at, *id)).collect();
+            ids.sort();
+            for (at, id) in ids {
+                if at > now {
+                    next = next.min(at);
+                    break;
+                }
+                if q.running.contains_key(&id) {
+                    continue; // re-queued while uploading: picked up when that upload ends
+                }
+                let Ok(permit) = this.uploads.clone().try_acquire_owned() else {
+                    break;
+                };
+                if let Some((_, file)) = q.due.remove(&id) {
+                    q.running.insert(id, file.clone());
+                    ready.push((permit, file));
+                }
+            }
+        }
+        for (permit, file) in ready {
+            let this = this.clone();
+            tokio::spawn(async move {
+                let result = upload(&this, &file).await;
+                drop(permit);
+                finish(&this, &file, result);
+                this.wake.notify_one();
+            });
+        }
+        // Holding `this` while asleep delays noticing that every handle is gone by one tick.
+        tokio::select! {
+            _ = this.wake.notified() => {}
+            _ = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
+fn finish(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadError>) {
+    let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+    q.running.remove(&file.id());
+    match result {
+        Ok(()) => {
+            inner.uploaded.fetch_add(1, Ordering::Relaxed);
+            if file.is_dirty() {
+                // Written again during the upload: go again after the quiet period.
+                let at = Instant::now() + inner.config.delay;
+                q.due.entry(file.id()).or_insert((at, file.clone()));
+            }
+        }
+        Err(e) => {
+            let retry_in = if matches!(e, UploadError::Superseded) {
+                inner.config.delay
+            } else {
+                let failures = file.record_failure(e.to_string());
+                if e.is_permanent() {
+                    PERMANENT_RETRY
+                } else {
+                    backoff(failures)
+                }
+            };
+            if !matches!(e, UploadError::Superseded) {
+                inner.failed.fetch_add(1, Ordering::Relaxed);
+                if e.is_permanent() {
+                    tracing::error!(key = file.key(), retry_in = ?retry_in, "upload failed (permanent error; the data stays in the cache and is retried): {e}");
+                } else {
+                    tracing::warn!(key = file.key(), retry_in = ?retry_in, "upload failed; retrying: {e}");
+                }
+            }
+            if file.is_dirty() {
+                let at = Instant::now() + retry_in;
+                let entry = q.due.entry(file.id()).or_insert((at, file.clone()));
+                entry.0 = entry.0.max(at);
+            }
+            file.changed.notify_waiters();
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in [d/2, d], d = base·2^(n-1) capped.
+fn backoff(failures: u32) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    let cap = exp.min(MAX_BACKOFF);
+    let half = cap / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+/// One upload attempt of `file`.
+async fn upload(inner: &Inner, file: &Arc<LocalFile>) -> Result<(), UploadError> {
+    let _serial = file.upload_lock.lock().await;
+    if !file.is_dirty() {
+        return Ok(());
+    }
+    let snapshot = file.snapshot();
+    let etag = if snapshot.size < inner.config.part_size {
+        let (snapshot_now, bytes) = file.read_snapshot()?;
+        let etag = inner
+            .store
+            .put(
+                &snapshot_now.key,
+                Body::Bytes(bytes.into()),
+                &PutOptions::default(),
+            )
+            .await?;
+        return mark_clean(inner, file, &snapshot_now, etag);
+    } else {
+        upload_multipart(inner, file, &snapshot).await?
+    };
+    mark_clean(inner, file, &snapshot, etag)
+}
+
+fn mark_clean(
+    inner: &Inner,
+    file: &LocalFile,
+    snapshot: &Snapshot,
+    etag: String,
+) -> Result<(), UploadError> {
+    if inner.cache.mark_clean(file, snapshot, etag)? {
+        tracing::debug!(key = snapshot.key, size = snapshot.size, "uploaded");
+    }
+    Ok(())
+}
+
+async fn upload_multipart(
+    inner: &Inner,
+    file: &Arc<LocalFile>,
+    snapshot: &Snapshot,
+) -> Result<String, UploadError> {
+    let key = &snapshot.key;
+    let part_size = effective_part_size(snapshot.size, inner.config.part_size);
+    // The parts must match durable data: a crash after a part is journaled must find the
+    // same bytes in the data file.
+    file.sync_data()?;
+    let mut record = match file.journaled_upload().filter(|r| r.part_size == part_size) {
+        Some(r) => resume(inner, key, r).await?,
+        None => None,
+    };
+    if record.is_none() {
+        let upload_id = inner
+            .store
+            .create_multipart(key, &PutOptions::default())
+            .await?;
+        let fresh = UploadRecord {
+            upload_id,
+            part_size,
+            parts: Vec::new(),
+        };
+        if !inner
+            .cache
+            .journal_upload(file, snapshot.generation, Some(fresh.clone()))?
+        {
+            abort(inner, key, &fresh.upload_id).await;
+            return Err(UploadError::Superseded);
+        }
+        record = Some(fresh);
+    }
+    let Some(record) = record else {
+        unreachable!("set above")
+    };
+    let upload_id = record.upload_id.clone();
+    let done: HashMap<u32, String> = record.parts.iter().cloned().collect();
+    let shared = Mutex::new(record);
+    let todo: Vec<(u32, std::ops::Range<u64>)> = plan_parts(snapshot.size, part_size)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| (i as u32 + 1, r))
+        .filter(|(n, _)| !done.contains_key(n))
+        .collect();
+    if !done.is_empty() {
+        tracing::info!(
+            key,
+            upload_id,
+            done = done.len(),
+            missing = todo.len(),
+            "resuming multipart upload"
+        );
+    }
+    let results: Vec<Result<(), UploadError>> = futures::stream::iter(todo)
+        .map(|(number, range)| {
+            let (upload_id, shared) = (&upload_id, &shared);
+            async move {
+                let body = Body::File {
+                    path: file.path().to_path_buf(),
+                    offset: range.start,
+                    len: range.end - range.start,
+                };
+                let etag = inner
+                    .store
+                    .upload_part(key, upload_id, number, body)
+                    .await?;
+                let updated = {
+                    let mut r = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    r.parts.push((number, etag));
+                    r.parts.sort();
+                    r.clone()
+                };
+                if !inner
+                    .cache
+                    .journal_upload(file, snapshot.generation, Some(updated))?
+                {
+                    return Err(UploadError::Superseded);
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(inner.config.part_concurrency.max(1))
+        .collect()
+        .await;
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        if matches!(e, UploadError::Superseded) {
+            abort(inner, key, &upload_id).await;
+        }
+        // Otherwise keep the upload: the journal lets the retry skip the finished parts.
+        return Err(e);
+    }
+    if file.generation() != snapshot.generation {
+        abort(inner, key, &upload_id).await;
+        return Err(UploadError::Superseded);
+    }
+    let parts: Vec<CompletedPart> = {
+        let r = shared.lock().unwrap_or_else(|e| e.into_inner());
+        r.parts
+            .iter()
+            .map(|(number, etag)| CompletedPart {
+                number: *number,
+                etag: etag.clone(),
+            })
+            .collect()
+    };
+    match inner
+        .store
+        .complete_multipart(key, &upload_id, &parts, &Default::default())
+        .await
+    {
+        Ok(etag) => Ok(etag),
+        Err(StoreError::NotFound(_)) => {
+            // The upload vanished (aborted by someone, or expired): start over next time.
+            let _ = inner.cache.journal_upload(file, snapshot.generation, None);
+            Err(UploadError::Store(StoreError::Transient(format!(
+                "multipart upload {upload_id} of {key} vanished; restarting it"
+            ))))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Check a journaled upload against the server: keep the parts it really has.
+async fn resume(
+    inner: &Inner,
+    key: &str,
+    mut record: UploadRecord,
+) -> Result<Option<UploadRecord>, UploadError> {
+    match inner.store.list_parts(key, &record.upload_id).await {
+        Ok(listed) => {
+            let server: HashMap<u32, String> =
+                listed.into_iter().map(|p| (p.number, p.etag)).collect();
+            record.parts.retain(|(n, etag)| server.get(n) == Some(etag));
+            Ok(Some(record))
+        }
+        Err(StoreError::NotFound(_)) => {
+            tracing::warn!(
+                key,
+                upload_id = record.upload_id,
+                "journaled multipart upload no longer exists; starting over"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn abort(inner: &Inner, key: &str, upload_id: &str) {
+    if let Err(e) = inner.store.abort_multipart(key, upload_id).await {
+        tracing::warn!(key, upload_id, "cannot abort a stale multipart upload: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for n in 1..40 {
+            let d = backoff(n);
+            let exp = BASE_BACKOFF
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(MAX_BACKOFF);
+            assert!(d >= exp / 2 && d <= exp, "{n}: {d:?}");
+        }
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+}
