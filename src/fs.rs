@@ -27,6 +27,8 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 mod inode;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use inode::Remote;
@@ -657,7 +659,7 @@ impl Filesystem {
         let path = Self::child_path(&Self::path_of(&table, parent)?, name);
         // A new file is an object to create, even if nothing is ever written to it.
         let local = self.cache.create(&self.key(&path, FileKind::File), true)?;
-        local.opened();
+        local.opened(true);
         let ino = table.upsert_child(parent, name, FileKind::File);
         let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
         node.lookups += 1;
@@ -704,7 +706,7 @@ impl Filesystem {
                 if mode.truncate && file.size() > 0 {
                     self.cache.set_len(&file, 0)?;
                 }
-                file.opened();
+                file.opened(mode.write);
                 Handle::Local {
                     ino,
                     file,
@@ -865,8 +867,16 @@ impl Filesystem {
             return Err(FsError::errno(libc::EBADF));
         };
         let ino = match handle {
-            Handle::Local { ino, file, .. } => {
-                file.closed();
+            Handle::Local {
+                ino, file, write, ..
+            } => {
+                file.closed(write);
+                // The uploader leaves files open for writing alone: the last writer's release
+                // (which the kernel sends after the close's flush) queues it.
+                if write && !file.has_writers() && file.is_dirty() {
+                    self.cache.journal_dirty(&file, false)?;
+                    self.writeback.enqueue(&file, false);
+                }
                 ino
             }
             Handle::Remote { ino, .. } => ino,

@@ -73,8 +73,9 @@ impl UploadError {
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// Queued files by id, with the instant they are due.
-    due: HashMap<u64, (Instant, Arc<LocalFile>)>,
+    /// Queued files by id: when they are due, the file, and whether the upload is forced
+    /// (fsync, drain), which uploads a file even while it is open for writing.
+    due: HashMap<u64, (Instant, Arc<LocalFile>, bool)>,
     /// Ids being uploaded now.
     running: HashMap<u64, Arc<LocalFile>>,
 }
@@ -85,7 +86,9 @@ struct Inner {
     cache: Arc<Cache>,
     config: WriteBackConfig,
     queue: Mutex<Queue>,
-    wake: Notify,
+    /// Shared so the scheduler can sleep on it without keeping `Inner` (and the cache's lock)
+    /// alive after the last handle is gone.
+    wake: Arc<Notify>,
     uploads: Arc<Semaphore>,
     uploaded: AtomicU64,
     failed: AtomicU64,
@@ -110,7 +113,7 @@ impl WriteBack {
             cache,
             config,
             queue: Mutex::new(Queue::default()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             uploads,
             uploaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -133,8 +136,9 @@ impl WriteBack {
             Instant::now() + self.inner.config.delay
         };
         let mut q = self.queue();
-        let entry = q.due.entry(file.id()).or_insert((at, file.clone()));
+        let entry = q.due.entry(file.id()).or_insert((at, file.clone(), now));
         entry.0 = if now { entry.0.min(at) } else { at };
+        entry.2 |= now;
         drop(q);
         self.inner.wake.notify_one();
     }
@@ -206,7 +210,7 @@ async fn scheduler(inner: std::sync::Weak<Inner>) {
         {
             let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
             let mut ids: Vec<(Instant, u64)> =
-                q.due.iter().map(|(id, (at, _))| (*at, *id)).collect();
+                q.due.iter().map(|(id, (at, _, _))| (*at, *id)).collect();
             ids.sort();
             for (at, id) in ids {
                 if at > now {
@@ -219,24 +223,25 @@ async fn scheduler(inner: std::sync::Weak<Inner>) {
                 let Ok(permit) = this.uploads.clone().try_acquire_owned() else {
                     break;
                 };
-                if let Some((_, file)) = q.due.remove(&id) {
+                if let Some((_, file, forced)) = q.due.remove(&id) {
                     q.running.insert(id, file.clone());
-                    ready.push((permit, file));
+                    ready.push((permit, file, forced));
                 }
             }
         }
-        for (permit, file) in ready {
+        for (permit, file, forced) in ready {
             let this = this.clone();
             tokio::spawn(async move {
-                let result = upload(&this, &file).await;
+                let result = upload(&this, &file, forced).await;
                 drop(permit);
                 finish(&this, &file, result);
                 this.wake.notify_one();
             });
         }
-        // Holding `this` while asleep delays noticing that every handle is gone by one tick.
+        let wake = this.wake.clone();
+        drop(this);
         tokio::select! {
-            _ = this.wake.notified() => {}
+            _ = wake.notified() => {}
             _ = tokio::time::sleep_until(next) => {}
         }
     }
@@ -248,10 +253,11 @@ fn finish(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadError>)
     match result {
         Ok(()) => {
             inner.uploaded.fetch_add(1, Ordering::Relaxed);
-            if file.is_dirty() {
-                // Written again during the upload: go again after the quiet period.
+            if file.is_dirty() && !file.has_writers() {
+                // Written again during the upload: go again after the quiet period. (A file
+                // still open for writing is queued again by its last close.)
                 let at = Instant::now() + inner.config.delay;
-                q.due.entry(file.id()).or_insert((at, file.clone()));
+                q.due.entry(file.id()).or_insert((at, file.clone(), false));
             }
         }
         Err(e) => {
@@ -275,7 +281,7 @@ fn finish(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadError>)
             }
             if file.is_dirty() {
                 let at = Instant::now() + retry_in;
-                let entry = q.due.entry(file.id()).or_insert((at, file.clone()));
+                let entry = q.due.entry(file.id()).or_insert((at, file.clone(), false));
                 entry.0 = entry.0.max(at);
             }
             file.changed.notify_waiters();
@@ -291,10 +297,11 @@ fn backoff(failures: u32) -> Duration {
     half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
-/// One upload attempt of `file`.
-async fn upload(inner: &Inner, file: &Arc<LocalFile>) -> Result<(), UploadError> {
+/// One upload attempt of `file`. A file open for writing is left alone unless `forced`: its
+/// last close queues it again.
+async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<(), UploadError> {
     let _serial = file.upload_lock.lock().await;
-    if !file.is_dirty() {
+    if !file.is_dirty() || (file.has_writers() && !forced) {
         return Ok(());
     }
     let snapshot = file.snapshot();

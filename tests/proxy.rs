@@ -184,6 +184,7 @@ async fn s3_store_through_the_proxy_survives_an_outage() {
 
     proxy.set_down(true);
     let err = bounded("head", store.head("before")).await.unwrap_err();
+    eprintln!("head during the outage: {err}");
     assert!(matches!(err, StoreError::Transient(_)), "{err:?}");
     let err = bounded(
         "put",

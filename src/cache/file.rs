@@ -25,8 +25,10 @@ pub(super) struct State {
     pub clean_generation: u64,
     /// The name was unlinked: never upload again.
     pub unlinked: bool,
-    /// Open descriptors (an open file is never evicted).
+    /// Open descriptors (an open file is never evicted), and how many of them may write (a
+    /// file being written is not uploaded unless forced: it would publish a half-written file).
     pub open: u32,
+    pub writers: u32,
     /// ETag of the object this data equals, when clean.
     pub etag: Option<String>,
     /// A journal record exists (the file is dirty and was closed, or is uploading).
@@ -81,6 +83,7 @@ impl LocalFile {
                 clean_generation: 0,
                 unlinked: false,
                 open: 0,
+                writers: 0,
                 etag: None,
                 journaled: false,
                 upload: None,
@@ -221,13 +224,21 @@ impl LocalFile {
         self.state().open
     }
 
-    pub fn opened(&self) {
-        self.state().open += 1;
+    pub fn opened(&self, write: bool) {
+        let mut s = self.state();
+        s.open += 1;
+        s.writers += write as u32;
     }
 
-    pub fn closed(&self) {
+    pub fn closed(&self, write: bool) {
         let mut s = self.state();
         s.open = s.open.saturating_sub(1);
+        s.writers = s.writers.saturating_sub(write as u32);
+    }
+
+    /// Whether a descriptor open for writing exists.
+    pub fn has_writers(&self) -> bool {
+        self.state().writers > 0
     }
 
     pub fn read_at(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {

@@ -82,18 +82,32 @@ impl Mount {
     /// Start `cmd` (a `bucketfs mount SOURCE` without the mount point) and wait for the mount.
     pub fn start(cmd: Command) -> Mount {
         let dirs = tempfile::tempdir().expect("tempdir");
-        Mount::start_in(cmd, dirs)
+        let cache = dirs.path().join("cache");
+        Mount::start_in(cmd, dirs, &cache)
     }
 
-    fn start_in(mut cmd: Command, dirs: tempfile::TempDir) -> Mount {
+    /// Mount `bucket/prefix` of `server` with the cache directory `cache` (which outlives the
+    /// mount: a later mount on the same cache resumes what this one left).
+    pub fn s3_with_cache(
+        server: Server,
+        bucket: &str,
+        prefix: &str,
+        extra: &[&str],
+        cache: &Path,
+    ) -> Mount {
+        let mut cmd = s3_command(server, bucket, prefix);
+        cmd.args(extra);
+        Mount::start_in(cmd, tempfile::tempdir().expect("tempdir"), cache)
+    }
+
+    fn start_in(mut cmd: Command, dirs: tempfile::TempDir, cache: &Path) -> Mount {
         let mountpoint = dirs.path().join("mnt");
-        let cache = dirs.path().join("cache");
         let log = dirs.path().join("bucketfs.log");
         std::fs::create_dir_all(&mountpoint).expect("mkdir mountpoint");
         let log_file = std::fs::File::create(&log).expect("log file");
         cmd.arg(&mountpoint)
             .arg("--cache-dir")
-            .arg(&cache)
+            .arg(cache)
             .args(["--log-level", "bucketfs=debug,info"])
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
@@ -149,6 +163,18 @@ impl Mount {
             "still mounted after the daemon exited"
         );
         status
+    }
+
+    /// SIGKILL the daemon (a crash) and clear the dead mount it leaves.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
     }
 
     fn terminate(&mut self) -> Option<ExitStatus> {

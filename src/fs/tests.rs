@@ -1,0 +1,135 @@
+//! Core tests: the filesystem without FUSE, on the in-memory store, through a fault-injecting
+//! wrapper. Fast, and they exercise what a real mount cannot easily force (a failure rate on
+//! every request, a permanent error, a crash between two exact points).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::store::{FaultyStore, MemoryStore};
+
+fn config(cache: &std::path::Path) -> FsConfig {
+    FsConfig {
+        cache_dir: cache.to_path_buf(),
+        writeback_delay: Duration::from_millis(10),
+        part_size: 5 << 20,
+        ..FsConfig::default()
+    }
+}
+
+async fn write_file(fs: &Filesystem, name: &str, body: &[u8]) {
+    let (_, fh) = fs
+        .create(ROOT_INO, name, 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    for (i, chunk) in body.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+    }
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+}
+
+fn body(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_survive_a_30_percent_failure_rate() {
+    let memory = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(FaultyStore::new(memory.clone()));
+    faulty.set_seed(7);
+    faulty.set_failure_rate(0.3);
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(faulty.clone(), "p/".into(), config(cache.path())).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                body(if i % 5 == 0 { 12 << 20 } else { 1000 * i }, i as u8),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        write_file(&fs, name, data).await;
+        // Reads are served locally while the uploads fail and retry.
+        let fh = fs
+            .open(
+                fs.lookup(ROOT_INO, name).await.unwrap().attr.ino,
+                OpenMode::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            &fs.read(fh, 0, data.len() as u32).await.unwrap()[..],
+            &data[..]
+        );
+        fs.release(fh).await.unwrap();
+    }
+    assert_eq!(
+        fs.drain(Duration::from_secs(120)).await,
+        0,
+        "everything lands despite the faults"
+    );
+    for (name, data) in &files {
+        let got = memory
+            .get_range(&format!("p/{name}"), 0..u64::MAX, None)
+            .await
+            .unwrap();
+        assert!(got == data[..], "{name} differs");
+    }
+    assert!(faulty.total_failures() > 0, "the test injected no failure");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_error_keeps_the_data_dirty_and_retries() {
+    let memory = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(FaultyStore::new(memory.clone()));
+    faulty.fail_next_op("put", 1, || StoreError::PermissionDenied("injected".into()));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(faulty.clone(), String::new(), config(cache.path())).unwrap();
+    let (_, fh) = fs
+        .create(ROOT_INO, "x", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"precious").await.unwrap();
+    let err = fs.fsync(fh).await.unwrap_err();
+    assert_eq!(err.errno_value(), libc::EIO);
+    assert!(memory.head("x").await.is_err(), "nothing was published");
+    // The next fsync retries (the fault is gone) and succeeds.
+    fs.fsync(fh).await.unwrap();
+    assert_eq!(
+        &memory.get_range("x", 0..100, None).await.unwrap()[..],
+        b"precious"
+    );
+    fs.release(fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_uploads_what_the_journal_holds() {
+    let memory = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(FaultyStore::new(memory.clone()));
+    faulty.set_outage(true);
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    {
+        let fs = Filesystem::new(faulty.clone(), String::new(), config(&cache)).unwrap();
+        write_file(&fs, "a", b"first life").await;
+        write_file(&fs, "big", &body(11 << 20, 3)).await;
+        // A daemon that dies here: dropping it does not remove journaled data.
+        assert_eq!(fs.drain(Duration::from_millis(300)).await, 2);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    faulty.set_outage(false);
+    let fs = Filesystem::new(faulty.clone(), String::new(), config(&cache)).unwrap();
+    // Visible before the upload, from the recovered journal.
+    let entry = fs.lookup(ROOT_INO, "a").await.unwrap();
+    assert_eq!(entry.attr.size, 10);
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    assert_eq!(
+        &memory.get_range("a", 0..100, None).await.unwrap()[..],
+        b"first life"
+    );
+    assert!(memory.get_range("big", 0..u64::MAX, None).await.unwrap() == body(11 << 20, 3)[..]);
+}
