@@ -24,6 +24,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -76,6 +77,8 @@ pub struct Cache {
     journal: Journal,
     limits: CacheLimits,
     index: Mutex<Index>,
+    /// Bytes of every indexed file (kept in step by each file's size changes).
+    used: Arc<AtomicU64>,
     /// Woken when space is freed (an upload finished, a file was removed).
     space: tokio::sync::Notify,
     _lock: File,
@@ -111,6 +114,7 @@ impl Cache {
                 lru: lru::LruCache::unbounded(),
                 next_id: 1,
             }),
+            used: Arc::new(AtomicU64::new(0)),
             space: tokio::sync::Notify::new(),
             _lock: lock,
         };
@@ -150,6 +154,7 @@ impl Cache {
                 r.id,
                 path,
                 file,
+                self.used.clone(),
                 r.key.clone(),
                 r.size,
                 mtime,
@@ -172,20 +177,28 @@ impl Cache {
                 index.lru.pop(&old.id());
             }
             index.lru.put(r.id, ());
+            local.set_indexed(true);
             recovered.push(local);
         }
         recovered.retain(|f| !f.is_unlinked());
-        // Data files without a record hold nothing that was promised: remove them.
+        // Data files without any record hold nothing that was promised: remove them. Ids of
+        // every record and data file, even unusable ones, are never handed out again.
+        let recorded = self.journal.ids()?;
         for entry in std::fs::read_dir(&self.data_dir)? {
             let entry = entry?;
             let id = entry
                 .file_name()
                 .to_str()
                 .and_then(|n| n.parse::<u64>().ok());
-            let referenced = id.is_some_and(|id| index.lru.contains(&id));
-            if !referenced {
+            if let Some(id) = id {
+                index.next_id = index.next_id.max(id + 1);
+            }
+            if !id.is_some_and(|id| recorded.contains(&id)) {
                 let _ = std::fs::remove_file(entry.path());
             }
+        }
+        if let Some(max) = recorded.iter().max() {
+            index.next_id = index.next_id.max(max + 1);
         }
         Ok(recovered)
     }
@@ -215,6 +228,7 @@ impl Cache {
             id,
             path,
             file,
+            self.used.clone(),
             key.to_string(),
             0,
             SystemTime::now(),
@@ -226,6 +240,7 @@ impl Cache {
             self.forget_file(&mut index, &old);
         }
         index.lru.put(id, ());
+        local.set_indexed(true);
         Ok(local)
     }
 
@@ -238,6 +253,7 @@ impl Cache {
         }
         index.lru.put(local.id(), ());
         index.by_key.insert(key, local.clone());
+        local.set_indexed(true);
         local
     }
 
@@ -258,6 +274,7 @@ impl Cache {
             id,
             path,
             file,
+            self.used.clone(),
             key.to_string(),
             0,
             SystemTime::now(),
@@ -266,6 +283,7 @@ impl Cache {
 
     fn forget_file(&self, index: &mut Index, file: &Arc<LocalFile>) {
         file.mark_unlinked();
+        file.set_indexed(false);
         index.lru.pop(&file.id());
         if let Err(e) = self.journal.remove(file.id()) {
             tracing::warn!(key = file.key(), "cannot remove journal record: {e}");
@@ -281,32 +299,32 @@ impl Cache {
         Some(file)
     }
 
-    /// `rename`: move the cached file of `from` to `to` (replacing what `to` had).
-    pub fn rekey(&self, from: &str, to: &str) -> io::Result<()> {
+    /// `rename`: move the cached file of `from` to `to`. Returns the file `to` had, now
+    /// forgotten (the caller waits for its upload in flight).
+    pub fn rekey(&self, from: &str, to: &str) -> io::Result<Option<Arc<LocalFile>>> {
         let mut index = self.index();
-        let Some(file) = index.by_key.remove(from) else {
-            return Ok(());
-        };
-        if let Some(old) = index.by_key.remove(to) {
-            self.forget_file(&mut index, &old);
+        let replaced = index.by_key.remove(to);
+        if let Some(old) = &replaced {
+            self.forget_file(&mut index, old);
         }
-        let journaled = {
-            let mut s = file.state();
-            s.key = to.to_string();
-            if s.generation != s.clean_generation {
-                // An upload under the old key is void: the generation bump makes it abort, and
-                // a journaled multipart upload (addressed by key) must not be resumed.
-                s.upload = None;
-                s.generation += 1;
-            }
-            s.journaled
+        let Some(file) = index.by_key.remove(from) else {
+            return Ok(replaced);
         };
         index.by_key.insert(to.to_string(), file.clone());
         drop(index);
-        if journaled {
-            self.journal.write(&file.record(), true)?;
+        let mut s = file.state();
+        s.key = to.to_string();
+        if s.generation != s.clean_generation {
+            // An upload under the old key is void: the generation bump makes it abort, and a
+            // journaled multipart upload (addressed by key) must not be resumed.
+            s.upload = None;
+            s.generation += 1;
         }
-        Ok(())
+        if s.journaled {
+            self.journal.write(&file.record_locked(&s), true)?;
+            s.journaled_generation = s.generation;
+        }
+        Ok(replaced)
     }
 
     /// Cached files directly under the directory prefix `dir` (which ends with `/` or is
@@ -337,11 +355,17 @@ impl Cache {
     /// Persist that `file` must reach S3 (at `close`). Survives a daemon crash; `durable` also
     /// survives power loss.
     pub fn journal_dirty(&self, file: &LocalFile, durable: bool) -> io::Result<()> {
-        if !file.is_dirty() {
+        // Written under the file's state lock, so two closes can never land their records in
+        // the wrong order.
+        let mut s = file.state();
+        let dirty = s.generation != s.clean_generation && !s.unlinked;
+        if !dirty || (s.journaled && s.journaled_generation == s.generation && !durable) {
             return Ok(());
         }
-        file.state().journaled = true;
-        self.journal.write(&file.record(), durable)
+        self.journal.write(&file.record_locked(&s), durable)?;
+        s.journaled = true;
+        s.journaled_generation = s.generation;
+        Ok(())
     }
 
     /// `pwrite` into `file`; a multipart upload the change voids is struck from the journal
@@ -373,7 +397,7 @@ impl Cache {
         upload: Option<UploadRecord>,
     ) -> io::Result<bool> {
         let mut s = file.state();
-        if s.generation != generation {
+        if s.generation != generation || s.unlinked {
             return Ok(false);
         }
         s.upload = upload;
@@ -389,11 +413,15 @@ impl Cache {
         snapshot: &Snapshot,
         etag: String,
     ) -> io::Result<bool> {
-        if !file.mark_clean(snapshot, etag) {
-            return Ok(false);
+        {
+            // Under the state lock: a close racing with this cannot have its record removed.
+            let mut s = file.state();
+            if !file.mark_clean_locked(&mut s, snapshot, etag) {
+                return Ok(false);
+            }
+            self.journal.remove(file.id())?;
+            s.journaled = false;
         }
-        file.state().journaled = false;
-        self.journal.remove(file.id())?;
         file.changed.notify_waiters();
         self.space.notify_waiters();
         Ok(true)
@@ -401,24 +429,28 @@ impl Cache {
 
     // ---- budget -----------------------------------------------------------------------------
 
-    /// (dirty bytes, all cached bytes).
+    /// (dirty bytes, all cached bytes). Counting dirty bytes visits every file: for status
+    /// reports, not hot paths.
     pub fn usage(&self) -> (u64, u64) {
-        let index = self.index();
-        index.by_key.values().fold((0, 0), |(d, t), f| {
-            let size = f.size();
-            (if f.is_dirty() { d + size } else { d }, t + size)
-        })
+        let dirty = self
+            .index()
+            .by_key
+            .values()
+            .filter(|f| f.is_dirty())
+            .map(|f| f.size())
+            .sum();
+        (dirty, self.used.load(Ordering::Relaxed))
     }
 
     /// Drop clean, closed files, least recently used first, until the cache fits the budget
     /// with `room` bytes to spare.
     pub fn evict(&self, room: u64) {
-        let mut index = self.index();
-        let mut total: u64 = index.by_key.values().map(|f| f.size()).sum();
         let target = self.limits.max_bytes.saturating_sub(room);
-        if total <= target {
+        if self.used.load(Ordering::Relaxed) <= target {
             return;
         }
+        let mut index = self.index();
+        let mut total = self.used.load(Ordering::Relaxed);
         let by_id: HashMap<u64, String> = index
             .by_key
             .iter()
@@ -433,12 +465,18 @@ impl Cache {
             let Some(file) = index.by_key.get(key).cloned() else {
                 continue;
             };
-            if file.is_dirty() || file.open_count() > 0 || file.state().journaled {
+            // Index + this clone = 2: anything more is an operation using the file right now.
+            if file.is_dirty()
+                || file.open_count() > 0
+                || file.state().journaled
+                || Arc::strong_count(&file) > 2
+            {
                 continue;
             }
             total = total.saturating_sub(file.size());
             index.by_key.remove(key);
             index.lru.pop(&id);
+            file.set_indexed(false);
             tracing::debug!(key, "evicted from the cache");
         }
     }
@@ -450,7 +488,7 @@ impl Cache {
         loop {
             let notified = self.space.notified();
             self.evict(bytes);
-            let (_, total) = self.usage();
+            let total = self.used.load(Ordering::Relaxed);
             let disk_ok = free_bytes(&self.data_dir)
                 .is_none_or(|free| free >= bytes + self.limits.min_free_bytes);
             if total + bytes <= self.limits.max_bytes && disk_ok {
@@ -611,6 +649,7 @@ mod tests {
         let (cache, _) = Cache::open(dir.path(), limits(1000)).unwrap();
         let clean = cache.create("clean", false).unwrap();
         clean.fill_at(0, &[1; 600]).unwrap();
+        drop(clean); // a file someone holds is in use and never evicted
         let dirty = cache.create("dirty", true).unwrap();
         dirty.write(0, &[2; 300], false).unwrap();
         // 900 used; 400 more fits only by evicting the clean file.

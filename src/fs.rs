@@ -41,6 +41,12 @@ use crate::store::{ListRequest, ObjectStore, PutOptions, StoreError};
 use crate::writeback::{WriteBack, WriteBackConfig};
 use inode::InodeTable;
 
+/// Directories with at most this many entries keep their names for negative lookups.
+const LISTING_MAX: usize = 10_000;
+
+/// Missing names remembered at once (each a few dozen bytes).
+const NEGATIVE_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
+
 /// Objects fetched into the cache for a write-open are downloaded in pieces of this size.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
 
@@ -71,6 +77,9 @@ pub struct Filesystem {
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Names recently found missing in S3, with when (answered without S3 within the TTL;
+    /// Open WebUI and `cp` look up many names that do not exist yet).
+    negative: Mutex<lru::LruCache<(Ino, String), Instant>>,
     /// Keys already reported as unusable names (logged once each).
     warned_keys: Mutex<HashSet<String>>,
     /// Shown as the mtime of directories (S3 prefixes have none).
@@ -138,6 +147,7 @@ impl Filesystem {
             inodes: Mutex::new(InodeTable::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            negative: Mutex::new(lru::LruCache::new(NEGATIVE_ENTRIES)),
             warned_keys: Mutex::new(HashSet::new()),
             mounted_at: SystemTime::now(),
         })
@@ -256,6 +266,22 @@ impl Filesystem {
             {
                 return Ok(ino);
             }
+            if self
+                .negative()
+                .get(&(parent, name.to_string()))
+                .is_some_and(|t| self.is_fresh(Some(*t)))
+            {
+                return Err(FsError::not_found());
+            }
+            let listed_absent = table
+                .get(parent)
+                .and_then(|p| p.listing.as_ref())
+                .is_some_and(|(at, names)| self.is_fresh(Some(*at)) && !names.contains(name));
+            if listed_absent {
+                self.negative()
+                    .put((parent, name.to_string()), Instant::now());
+                return Err(FsError::not_found());
+            }
             parent_path
         };
         let path = Self::child_path(&parent_path, name);
@@ -279,39 +305,92 @@ impl Filesystem {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut table = self.table();
-        if is_dir {
-            if head.is_some() {
-                self.warn_once(
-                    &file_key,
-                    "is both an object and a prefix; the directory is shown",
-                );
+        let stale_listing = {
+            let mut table = self.table();
+            if is_dir {
+                if head.is_some() {
+                    self.warn_once(
+                        &file_key,
+                        "is both an object and a prefix; the directory is shown",
+                    );
+                }
+                let ino = table.upsert_child(parent, name, FileKind::Directory);
+                if let Some(node) = table.get_mut(ino) {
+                    node.validated = Some(Instant::now());
+                }
+                return Ok(ino);
             }
-            let ino = table.upsert_child(parent, name, FileKind::Directory);
-            if let Some(node) = table.get_mut(ino) {
-                node.validated = Some(Instant::now());
+            if let Some(meta) = head {
+                let ino = table.upsert_child(parent, name, FileKind::File);
+                if let Some(node) = table.get_mut(ino) {
+                    node.remote = Some(Remote {
+                        size: meta.size,
+                        etag: meta.etag,
+                        mtime: meta.last_modified,
+                    });
+                    node.validated = Some(Instant::now());
+                }
+                return Ok(ino);
             }
-            Ok(ino)
-        } else if let Some(meta) = head {
-            let ino = table.upsert_child(parent, name, FileKind::File);
-            if let Some(node) = table.get_mut(ino) {
-                node.remote = Some(Remote {
-                    size: meta.size,
-                    etag: meta.etag,
-                    mtime: meta.last_modified,
-                });
-                node.validated = Some(Instant::now());
+            if self.cache.get(&file_key).is_some() {
+                // Created locally while we were asking S3.
+                return Ok(table.upsert_child(parent, name, FileKind::File));
             }
-            Ok(ino)
-        } else if self.cache.get(&file_key).is_some() {
-            // Created locally while we were asking S3.
-            Ok(table.upsert_child(parent, name, FileKind::File))
-        } else {
             if table.child(parent, name).is_some() {
                 table.detach(parent, name);
             }
-            Err(FsError::not_found())
+            self.negative()
+                .put((parent, name.to_string()), Instant::now());
+            let listing = table.get(parent).and_then(|p| p.listing.as_ref());
+            !listing.is_some_and(|(at, _)| self.is_fresh(Some(*at)))
+        };
+        if stale_listing {
+            // A miss is often the first of many (`cp` into a directory, an app probing names):
+            // one LIST of a small directory answers the next ones locally.
+            self.prime_listing(parent, &self.key(&parent_path, FileKind::Directory))
+                .await;
         }
+        Err(FsError::not_found())
+    }
+
+    /// Remember `dir`'s names if one LIST page holds them all.
+    async fn prime_listing(&self, dir: Ino, prefix: &str) {
+        let request = ListRequest {
+            prefix,
+            delimiter: Some("/"),
+            continuation: None,
+            max_keys: None,
+        };
+        let Ok(page) = self.store.list(request).await else {
+            return;
+        };
+        if page.next.is_some() {
+            return; // too big to keep: lookups in it ask S3 name by name
+        }
+        let mut names: HashSet<String> = page
+            .prefixes
+            .iter()
+            .map(|p| p[prefix.len()..p.len() - 1].to_string())
+            .collect();
+        names.extend(
+            page.objects
+                .iter()
+                .map(|o| o.key[prefix.len()..].to_string()),
+        );
+        // Names created here meanwhile are in the cache, which `resolve` consults first.
+        if let Some(node) = self.table().get_mut(dir) {
+            node.listing = Some((Instant::now(), names));
+        }
+    }
+
+    fn negative(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(Ino, String), Instant>> {
+        self.negative.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `parent/name` exists now (created or renamed here).
+    fn exists_now(&self, parent: Ino, name: &str) {
+        self.negative().pop(&(parent, name.to_string()));
+        self.table().note_listing(parent, name, true);
     }
 
     fn warn_once(&self, key: &str, what: &str) {
@@ -545,6 +624,12 @@ impl Filesystem {
                 push(&mut entries, child, FileKind::File, name.clone());
             }
         }
+        if entries.len() <= LISTING_MAX {
+            let names = entries.iter().skip(2).map(|e| e.name.clone()).collect();
+            if let Some(node) = table.get_mut(ino) {
+                node.listing = Some((Instant::now(), names));
+            }
+        }
         drop(table);
         Ok(self.insert_handle(Handle::Dir {
             entries: Arc::new(entries),
@@ -593,6 +678,7 @@ impl Filesystem {
                 &PutOptions::default(),
             )
             .await?;
+        self.exists_now(parent, name);
         let mut table = self.table();
         let ino = table.upsert_child(parent, name, FileKind::Directory);
         let entry = self.entry(&table, ino)?;
@@ -651,6 +737,7 @@ impl Filesystem {
     ) -> FsResult<(Entry, u64)> {
         self.writable()?;
         check_name(name)?;
+        self.exists_now(parent, name);
         let mut table = self.table();
         let parent_node = table.get(parent).ok_or_else(FsError::not_found)?;
         if parent_node.kind != FileKind::Directory {
@@ -756,6 +843,20 @@ impl Filesystem {
                 (key, None) => (key, node.remote.clone()),
             }
         };
+        // Not known to be in S3 (created here, or renamed while dirty, then uploaded and
+        // evicted): ask, rather than take the object for new and upload an empty file over it.
+        let remote = match (remote, empty) {
+            (None, false) => match self.store.head(&key).await {
+                Ok(meta) => Some(Remote {
+                    size: meta.size,
+                    etag: meta.etag,
+                    mtime: meta.last_modified,
+                }),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+            (remote, _) => remote,
+        };
         let local = self.cache.create_detached(&key)?;
         match (&remote, empty) {
             (Some(remote), false) => {
@@ -837,7 +938,12 @@ impl Filesystem {
     /// `close` of one descriptor: a changed file is journaled (it now survives a daemon crash)
     /// and queued for upload after the write-back delay.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        if let Some(file) = self.handle_file(fh)?
+        let writer = matches!(
+            self.handle_table().get(&fh),
+            Some(Handle::Local { write: true, .. })
+        );
+        if writer
+            && let Some(file) = self.handle_file(fh)?
             && file.is_dirty()
         {
             self.cache.journal_dirty(&file, false)?;
@@ -974,28 +1080,38 @@ impl Filesystem {
             return Err(FsError::errno(libc::EXDEV));
         }
         let local = self.cache.get(&old_key);
+        // Holding the file's upload lock, no upload of it starts or ends while it moves: it is
+        // either dirty (and moves as local data) or clean and in S3 (and is copied there).
+        let _no_upload = match &local {
+            Some(l) => Some(l.upload_lock.lock().await),
+            None => None,
+        };
         let dirty = local.as_ref().is_some_and(|l| l.is_dirty());
         // Clean: copy first (if it fails, nothing has changed). The copy is a new object with
         // an ETag of its own (a copied multipart object gets a single-part ETag).
-        let copied_etag = if !dirty && has_remote {
+        let copied_etag = if !dirty && (has_remote || local.is_some()) {
             Some(self.store.copy(&old_key, &new_key, None).await?)
         } else {
             None
         };
-        // Dirty: the local data is the newest version; it is simply re-keyed and uploaded under
-        // the new name (an upload under the old key in flight is voided and finishes first).
-        self.cache.rekey(&old_key, &new_key)?;
+        // Dirty: the local data is the newest version; it is re-keyed and uploaded under the
+        // new name. A replaced target's upload in flight finishes (or aborts) before this
+        // file's upload can start, so it can never land over it.
+        let replaced = self.cache.rekey(&old_key, &new_key)?;
+        if let Some(replaced) = replaced {
+            let _after_its_upload = replaced.upload_lock.lock().await;
+        }
         if let Some(local) = &local {
             match &copied_etag {
                 Some(etag) => local.set_etag(etag.clone()),
                 None if dirty => {
-                    let _after_upload = local.upload_lock.lock().await;
                     self.cache.journal_dirty(local, false)?;
                     self.writeback.enqueue(local, false);
                 }
                 None => {}
             }
         }
+        self.exists_now(new_parent, new_name);
         {
             let mut table = self.table();
             table.rename(ino, new_parent, new_name);

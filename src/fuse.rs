@@ -140,11 +140,27 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = utf8(name);
+        let negative_ttl = self.fs.config().metadata_ttl;
         self.spawn(
             span!("lookup", req, ino = parent.0),
             |fs| async move { fs.lookup(parent.0, &name?).await },
             move |r| match r {
                 Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+                // A negative entry (inode 0): the kernel remembers the miss for the TTL, which
+                // saves a second lookup on every `open(O_CREAT)` of a new name.
+                Err(e) if e.errno_value() == libc::ENOENT => {
+                    let mut attr = file_attr(&Attr {
+                        ino: 0,
+                        kind: FileKind::File,
+                        size: 0,
+                        mtime: SystemTime::UNIX_EPOCH,
+                        perm: 0,
+                        uid: 0,
+                        gid: 0,
+                    });
+                    attr.ino = INodeNo(0);
+                    reply.entry(&negative_ttl, &attr, Generation(0))
+                }
                 Err(e) => reply.error(errno(e)),
             },
         );

@@ -248,6 +248,12 @@ async fn scheduler(inner: std::sync::Weak<Inner>) {
 }
 
 fn finish(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadError>) {
+    finish_queue(inner, file, result);
+    // Every outcome wakes `sync` waiters: they re-check and, if needed, queue again.
+    file.changed.notify_waiters();
+}
+
+fn finish_queue(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadError>) {
     let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
     q.running.remove(&file.id());
     match result {
@@ -426,7 +432,7 @@ async fn upload_multipart(
         // Otherwise keep the upload: the journal lets the retry skip the finished parts.
         return Err(e);
     }
-    if file.generation() != snapshot.generation {
+    if file.generation() != snapshot.generation || file.is_unlinked() {
         abort(inner, key, &upload_id).await;
         return Err(UploadError::Superseded);
     }

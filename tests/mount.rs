@@ -157,7 +157,17 @@ async fn objects_put_by_any_client_appear_in_the_mount(server: Server) {
     // Seeks and partial reads of an object the mount never wrote.
     let big = data(3 * MIB + 5, 7);
     put_object(&client, &bucket, "owui/big.bin", &big).await;
-    let mut f = std::fs::File::open(m.join("big.bin")).unwrap();
+    // The directory was just listed: a name it lacked shows up within --metadata-ttl (1 s).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut f = loop {
+        match std::fs::File::open(m.join("big.bin")) {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("big.bin never appeared: {e}"),
+        }
+    };
     f.seek(SeekFrom::End(-100)).unwrap();
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).unwrap();

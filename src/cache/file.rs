@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use super::journal::{FORMAT, Record, UploadRecord};
@@ -33,6 +34,12 @@ pub(super) struct State {
     pub etag: Option<String>,
     /// A journal record exists (the file is dirty and was closed, or is uploading).
     pub journaled: bool,
+    /// The generation the journal record describes (a close that changed nothing since the
+    /// last record does not rewrite it).
+    pub journaled_generation: u64,
+    /// Whether the file is in the cache's index, and the bytes it adds to the cache's usage.
+    pub indexed: bool,
+    pub accounted: u64,
     /// The multipart upload in progress, mirrored in the journal.
     pub upload: Option<UploadRecord>,
     /// When the uploader should next try (None: not queued).
@@ -47,6 +54,8 @@ pub struct LocalFile {
     id: u64,
     path: PathBuf,
     file: File,
+    /// The cache's byte count, kept in step with this file's size while it is indexed.
+    usage: Arc<AtomicU64>,
     pub(super) state: Mutex<State>,
     /// Serialises uploads of this file.
     pub upload_lock: tokio::sync::Mutex<()>,
@@ -67,6 +76,7 @@ impl LocalFile {
         id: u64,
         path: PathBuf,
         file: File,
+        usage: Arc<AtomicU64>,
         key: String,
         size: u64,
         mtime: SystemTime,
@@ -75,6 +85,7 @@ impl LocalFile {
             id,
             path,
             file,
+            usage,
             state: Mutex::new(State {
                 key,
                 size,
@@ -86,6 +97,9 @@ impl LocalFile {
                 writers: 0,
                 etag: None,
                 journaled: false,
+                journaled_generation: 0,
+                indexed: false,
+                accounted: 0,
                 upload: None,
                 due: None,
                 failures: 0,
@@ -196,8 +210,16 @@ impl LocalFile {
 
     /// Record that `snapshot` is in S3 as `etag`; returns false if the file changed since.
     pub fn mark_clean(&self, snapshot: &Snapshot, etag: String) -> bool {
-        let mut s = self.state();
-        if s.generation != snapshot.generation || s.key != snapshot.key {
+        self.mark_clean_locked(&mut self.state(), snapshot, etag)
+    }
+
+    pub(super) fn mark_clean_locked(
+        &self,
+        s: &mut State,
+        snapshot: &Snapshot,
+        etag: String,
+    ) -> bool {
+        if s.generation != snapshot.generation || s.key != snapshot.key || s.unlinked {
             return false;
         }
         s.clean_generation = snapshot.generation;
@@ -286,6 +308,33 @@ impl LocalFile {
         self.changed_locked(&mut s, on_void)
     }
 
+    /// Bring the cache's usage in step with this file's size (while it is indexed).
+    pub(super) fn account(&self, s: &mut State) {
+        if s.indexed {
+            if s.size >= s.accounted {
+                self.usage
+                    .fetch_add(s.size - s.accounted, Ordering::Relaxed);
+            } else {
+                self.usage
+                    .fetch_sub(s.accounted - s.size, Ordering::Relaxed);
+            }
+            s.accounted = s.size;
+        }
+    }
+
+    /// Enter or leave the cache's index (and its usage).
+    pub(super) fn set_indexed(&self, indexed: bool) {
+        let mut s = self.state();
+        if indexed {
+            s.indexed = true;
+            self.account(&mut s);
+        } else if s.indexed {
+            self.usage.fetch_sub(s.accounted, Ordering::Relaxed);
+            s.accounted = 0;
+            s.indexed = false;
+        }
+    }
+
     fn changed_locked(
         &self,
         s: &mut State,
@@ -293,6 +342,7 @@ impl LocalFile {
     ) -> io::Result<()> {
         s.generation += 1;
         s.mtime = SystemTime::now();
+        self.account(s);
         if s.upload.take().is_some() {
             on_void(self, s)?;
         }
@@ -309,6 +359,7 @@ impl LocalFile {
         self.file.write_all_at(data, offset)?;
         let mut s = self.state();
         s.size = s.size.max(offset + data.len() as u64);
+        self.account(&mut s);
         Ok(())
     }
 
@@ -318,11 +369,6 @@ impl LocalFile {
 
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
-    }
-
-    /// The journal record describing this file now.
-    pub(super) fn record(&self) -> Record {
-        self.record_locked(&self.state())
     }
 
     pub(super) fn record_locked(&self, s: &State) -> Record {

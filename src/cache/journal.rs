@@ -78,6 +78,22 @@ impl Journal {
         }
     }
 
+    /// The ids of every record file, readable or not.
+    pub fn ids(&self) -> io::Result<std::collections::HashSet<u64>> {
+        let mut ids = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.parse().ok())
+            {
+                ids.insert(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Every readable record. Unreadable ones (a format from the future, a torn temp file) are
     /// reported and left in place for a human, never deleted.
     pub fn load(&self) -> io::Result<Vec<Record>> {

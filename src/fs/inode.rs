@@ -5,7 +5,7 @@
 //! subtree for free. The table is behind one `std::sync::Mutex` in `Filesystem` and is never
 //! held across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Instant, SystemTime};
 
 use super::types::{FileKind, Ino, ROOT_INO};
@@ -37,6 +37,10 @@ pub struct Inode {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
+    /// A directory's complete list of names as S3 showed it (plus local changes since), and
+    /// when: within the TTL a name not in it is missing without asking S3. Kept only for
+    /// directories small enough to list in one page.
+    pub listing: Option<(Instant, HashSet<String>)>,
     /// A directory's children by name (empty for files).
     children: HashMap<String, Ino>,
 }
@@ -55,6 +59,7 @@ impl Inode {
             uid: None,
             gid: None,
             mtime: None,
+            listing: None,
             children: HashMap::new(),
         }
     }
@@ -127,7 +132,23 @@ impl InodeTable {
 
     /// Remove the edge `parent/name`. The inode itself stays while the kernel or a handle still
     /// refers to it (an unlinked open file), and is dropped otherwise.
+    /// Keep `parent`'s listing in step with a local change: `name` now exists or not.
+    pub fn note_listing(&mut self, parent: Ino, name: &str, exists: bool) {
+        if let Some((_, names)) = self
+            .inodes
+            .get_mut(&parent)
+            .and_then(|p| p.listing.as_mut())
+        {
+            if exists {
+                names.insert(name.to_string());
+            } else {
+                names.remove(name);
+            }
+        }
+    }
+
     pub fn detach(&mut self, parent: Ino, name: &str) -> Option<Ino> {
+        self.note_listing(parent, name, false);
         let ino = self.inodes.get_mut(&parent)?.children.remove(name)?;
         self.collect(ino);
         Some(ino)
@@ -148,6 +169,7 @@ impl InodeTable {
         if let Some(p) = self.inodes.get_mut(&old_parent) {
             p.children.remove(&old_name);
         }
+        self.note_listing(old_parent, &old_name, false);
         if self.child(new_parent, new_name) != Some(ino) {
             self.detach(new_parent, new_name);
         }

@@ -133,3 +133,60 @@ async fn a_restart_uploads_what_the_journal_holds() {
     );
     assert!(memory.get_range("big", 0..u64::MAX, None).await.unwrap() == body(11 << 20, 3)[..]);
 }
+
+/// A file written here, uploaded (clean, still cached), then renamed: the new key must hold it
+/// (a server-side copy), the old key must be gone, and nothing is lost when the cache drops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn renaming_a_clean_cached_file_copies_it_in_s3() {
+    let memory = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), String::new(), config(cache.path())).unwrap();
+    let (_, fh) = fs
+        .create(ROOT_INO, "a", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"keep me").await.unwrap();
+    fs.fsync(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
+    assert_eq!(
+        &memory.get_range("b", 0..100, None).await.unwrap()[..],
+        b"keep me"
+    );
+    assert!(memory.head("a").await.is_err());
+}
+
+/// Opening for writing a file whose S3 state is unknown (created here, uploaded, evicted) must
+/// fetch the object, not upload an empty file over it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evicted_file_is_fetched_not_replaced_by_an_empty_one() {
+    let memory = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config(cache.path());
+    cfg.cache_limits.max_bytes = 100; // every clean file is evicted at the next reservation
+    let fs = Filesystem::new(memory.clone(), String::new(), cfg).unwrap();
+    write_file(&fs, "a", &[7u8; 80]).await;
+    assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
+    write_file(&fs, "b", &[8u8; 60]).await; // evicts "a"
+    let ino = fs.lookup(ROOT_INO, "a").await.unwrap().attr.ino;
+    let fh = fs
+        .open(
+            ino,
+            OpenMode {
+                write: true,
+                truncate: false,
+                append: true,
+            },
+        )
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"!").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
+    let got = memory.get_range("a", 0..1000, None).await.unwrap();
+    assert_eq!(got.len(), 81, "the object kept its 80 bytes and gained one");
+}
