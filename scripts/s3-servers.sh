@@ -80,10 +80,13 @@ JSON
   master=$(free_port_pair); volume=$(free_port_pair); filer=$(free_port_pair); s3=$(free_port_pair)
   log "starting SeaweedFS (S3 on 127.0.0.1:$s3)"
   # `setsid bash -c 'echo $$ >pid; exec …'`: the recorded pid is the server itself, leading its
-  # own process group, whatever setsid does about forking.
+  # own process group, whatever setsid does about forking. Every test bucket is a collection
+  # with volumes of its own; the automatic volume limit (free disk / 128 MB) runs out after a
+  # few dozen buckets ("No writable volumes"), so it is raised (volumes are created lazily).
   setsid bash -c 'echo $$ > "$0"; exec "$@"' "$dir/pid" "$SEAWEED_VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -s3.config="$dir/identities.json" -s3.allowDeleteBucketNotEmpty=false \
     -s3.autoCreateBucket=false -webdav=false -admin.ui=false -s3.port.iceberg=0 \
+    -volume.max=10000 \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" -s3.port="$s3" \
     </dev/null >"$dir/log" 2>&1 &
   wait_http "http://127.0.0.1:$s3/" 60 || { log "SeaweedFS did not start; log:"; tail -20 "$dir/log" >&2; return 1; }

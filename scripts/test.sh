@@ -27,7 +27,7 @@ state=$(mktemp -d /tmp/bucketfs-test.XXXXXX)
 cleanup() {
   scripts/s3-servers.sh stop "$state" || true
   # A test that died mid-way may leave a mount under /tmp: never leave a dead mount behind.
-  grep -o " /tmp/[^ ]*/mnt " /proc/self/mountinfo 2>/dev/null | while read -r m; do umount -l "$m" || true; done
+  grep -o " /tmp/[^ ]*/mnt " /proc/self/mountinfo 2>/dev/null | while read -r m; do umount -l "$m" || true; done || true
   rm -rf "$state"
 }
 trap cleanup EXIT

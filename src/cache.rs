@@ -481,6 +481,21 @@ impl Cache {
         }
     }
 
+    /// Drop the clean copy of `key` (it no longer matches S3). Dirty or open files stay.
+    pub fn evict_key(&self, key: &str) {
+        let mut index = self.index();
+        let Some(file) = index.by_key.get(key).cloned() else {
+            return;
+        };
+        if file.is_dirty() || file.open_count() > 0 || file.state().journaled {
+            return;
+        }
+        index.by_key.remove(key);
+        index.lru.pop(&file.id());
+        file.set_indexed(false);
+        self.space.notify_waiters();
+    }
+
     /// Wait until `bytes` more can be written without passing the budget: evict clean files,
     /// then wait for uploads; `ENOSPC` after `full_timeout`. Also refuses to fill the disk.
     pub async fn reserve(&self, bytes: u64) -> io::Result<()> {

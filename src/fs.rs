@@ -784,6 +784,10 @@ impl Filesystem {
             (key, local, remote)
         };
         let local = match local {
+            Some(local) => self.still_current(&key, local, remote.as_ref()).await?,
+            None => None,
+        };
+        let local = match local {
             Some(local) => Some(local),
             None if mode.write => Some(self.stage(ino, mode.truncate).await?),
             None => None,
@@ -830,6 +834,39 @@ impl Filesystem {
             node.open_handles += 1;
         }
         Ok(self.insert_handle(handle))
+    }
+
+    /// A clean cached copy is served only while its ETag is the object's: when the attributes
+    /// are stale, a HEAD checks; a copy another client replaced (or deleted) is dropped.
+    async fn still_current(
+        &self,
+        key: &str,
+        local: Arc<LocalFile>,
+        fresh_remote: Option<&Remote>,
+    ) -> FsResult<Option<Arc<LocalFile>>> {
+        if local.is_dirty() || local.open_count() > 0 {
+            return Ok(Some(local));
+        }
+        let Some(etag) = local.etag() else {
+            return Ok(Some(local));
+        };
+        let current = match fresh_remote {
+            Some(r) => Some(r.etag.clone()),
+            None => match self.store.head(key).await {
+                Ok(meta) => Some(meta.etag),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if current.as_deref() == Some(etag.as_str()) {
+            return Ok(Some(local));
+        }
+        tracing::debug!(
+            key,
+            "cached copy is stale (the object changed in S3); dropped"
+        );
+        self.cache.evict_key(key);
+        Ok(None)
     }
 
     /// Give file `ino` local data: empty when `empty`, else a copy of its object (pinned to the

@@ -355,6 +355,7 @@ async fn upload_multipart(
         None => None,
     };
     if record.is_none() {
+        abort_stale_uploads(inner, key).await;
         let upload_id = inner
             .store
             .create_multipart(key, &PutOptions::default())
@@ -485,6 +486,25 @@ async fn resume(
             Ok(None)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Abort unfinished multipart uploads of exactly `key` before starting a new one: uploads a
+/// crash left between CreateMultipartUpload and its journal record (the journal cannot name
+/// them), or ones the journal gave up on. Whatever they held is about to be replaced anyway.
+async fn abort_stale_uploads(inner: &Inner, key: &str) {
+    match inner.store.list_multipart_uploads(key).await {
+        Ok(uploads) => {
+            for u in uploads.into_iter().filter(|u| u.key == key) {
+                tracing::info!(
+                    key,
+                    upload_id = u.upload_id,
+                    "aborting a stale multipart upload"
+                );
+                abort(inner, key, &u.upload_id).await;
+            }
+        }
+        Err(e) => tracing::debug!(key, "cannot list multipart uploads: {e}"),
     }
 }
 

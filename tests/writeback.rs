@@ -257,13 +257,18 @@ async fn sigkill_during_a_multipart_upload_resumes_it_without_resending_parts() 
     )
     .await;
     let log = m.log_text();
+    let uploads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("multipart") || l.contains("upload failed"))
+        .collect();
     let line = log
         .lines()
         .find(|l| l.contains("resuming multipart upload"))
         .expect(&log);
     assert!(
         line.contains(&format!("done={done}")) && line.contains(&format!("missing={}", 13 - done)),
-        "{line}"
+        "journal had {done} parts at the kill; the restart logged:\n{}",
+        uploads.join("\n")
     );
     let head = client
         .head_object()
