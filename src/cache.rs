@@ -518,11 +518,6 @@ impl Cache {
     pub fn limits(&self) -> &CacheLimits {
         &self.limits
     }
-
-    /// Wake writers waiting for space (after an upload made a file clean).
-    pub fn space_freed(&self) {
-        self.space.notify_waiters();
-    }
 }
 
 /// Take an exclusive `flock` on `dir/lock`, writing our pid into it.

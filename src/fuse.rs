@@ -9,7 +9,7 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
@@ -513,7 +513,3 @@ impl fuser::Filesystem for FuseAdapter {
         );
     }
 }
-
-/// How long the kernel may cache attributes when none is configured (kept for callers that
-/// need a default).
-pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
