@@ -15,8 +15,8 @@
 //!   uploader (`crate::writeback`); `fsync` waits until the upload is done.
 //!
 //! Lock order: the inode table (`inodes`, a std mutex, never held across `.await`), then the
-//! cache index, then a `LocalFile`'s state lock; the handle table is never held together with
-//! any of them. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
+//! cache index, then a `LocalFile`'s state lock, then the negative-lookup cache; the handle
+//! table is never held together with any of them. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
 //! with no std lock held.
 
 use std::collections::{HashMap, HashSet};
