@@ -525,6 +525,8 @@ async fn daemon_mode_returns_once_mounted() {
     let dirs = tempfile::tempdir().unwrap();
     let (store, mnt) = (dirs.path().join("store"), dirs.path().join("mnt"));
     std::fs::create_dir_all(&mnt).unwrap();
+    // Unmounts, then waits for the detached daemon (found by its unique mount path) to exit,
+    // killing it after 10 s: no daemon outlives the test.
     struct Unmount<'a>(&'a std::path::Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -532,6 +534,20 @@ async fn daemon_mode_returns_once_mounted() {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
                 .arg(self.0)
+                .status();
+            let pattern = format!("bucketfs mount .* {} ", self.0.display());
+            let alive = || {
+                std::process::Command::new("pgrep")
+                    .args(["-f", &pattern])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = std::process::Command::new("pkill")
+                .args(["-KILL", "-f", &pattern])
                 .status();
         }
     }
@@ -551,7 +567,11 @@ async fn daemon_mode_returns_once_mounted() {
         mount::is_mounted(&mnt),
         "--daemon returned before the mount was live"
     );
-    std::fs::write(mnt.join("x"), b"served by the daemon").unwrap();
+    // fsync: the daemon then has nothing left to upload when the guard unmounts it.
+    let mut f = std::fs::File::create(mnt.join("x")).unwrap();
+    f.write_all(b"served by the daemon").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
     assert_eq!(
         std::fs::read(mnt.join("x")).unwrap(),
         b"served by the daemon"
