@@ -62,6 +62,27 @@ async fn wait_object(client: &aws_sdk_s3::Client, bucket: &str, key: &str, expec
     }
 }
 
+/// Run a `bucketfs mount` that must be refused at start: it mounts at a fresh directory, fails
+/// within 20 s without mounting, and its stderr is returned.
+fn refused_start(mut cmd: std::process::Command) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = cmd
+        .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the mount was not refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!mount::is_mounted(dir.path()));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     match r {
         Ok(_) => panic!("expected an error"),
@@ -375,23 +396,7 @@ async fn overwrite_truncate_and_partial_writes(server: Server) {
 }
 
 async fn missing_bucket_is_refused_at_mount(server: Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let started = Instant::now();
-    let out = mount::s3_command(server, "no-such-bucket-bucketfs", "")
-        .arg(dir.path())
-        .args(["--cache-dir"])
-        .arg(dir.path().join("cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(mount::s3_command(server, "no-such-bucket-bucketfs", ""));
     let line = stderr
         .lines()
         .find(|l| l.contains("error"))
@@ -400,7 +405,6 @@ async fn missing_bucket_is_refused_at_mount(server: Server) {
         line.contains("no-such-bucket-bucketfs") && line.contains("does not exist"),
         "{stderr}"
     );
-    assert!(!mount::is_mounted(dir.path()));
 }
 
 async fn sigterm_unmounts_and_exits_zero(server: Server) {
@@ -423,23 +427,10 @@ async fn sigterm_unmounts_and_exits_zero(server: Server) {
 async fn seaweedfs_wrong_secret_is_refused_at_mount() {
     let server = Server::SeaweedFs;
     let bucket = s3::fresh_bucket(server).await;
-    let dir = tempfile::tempdir().unwrap();
     let wrong = "wrong-secret-Zq8uX2";
-    let started = Instant::now();
-    let out = mount::s3_command(server, &bucket, "")
-        .env("S3_SECRET_ACCESS_KEY", wrong)
-        .arg(dir.path())
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = mount::s3_command(server, &bucket, "");
+    cmd.env("S3_SECRET_ACCESS_KEY", wrong);
+    let stderr = refused_start(cmd);
     assert!(
         !stderr.contains(wrong),
         "the secret leaked into the error: {stderr}"
@@ -452,45 +443,32 @@ async fn seaweedfs_wrong_secret_is_refused_at_mount() {
         line.to_lowercase().contains("access denied") || line.contains("signature"),
         "{line}"
     );
-    assert!(!mount::is_mounted(dir.path()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_endpoint_and_missing_mountpoint_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
     // A port nothing listens on: bind one, note it, close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let started = Instant::now();
-    let out = mount::command()
-        .args([
-            "mount",
-            "s3://b",
-            "--endpoint-url",
-            &format!("http://127.0.0.1:{port}"),
-        ])
-        .arg(dir.path())
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .env("S3_ACCESS_KEY_ID", "k")
-        .env("S3_SECRET_ACCESS_KEY", "s")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = mount::command();
+    cmd.args([
+        "mount",
+        "s3://b",
+        "--endpoint-url",
+        &format!("http://127.0.0.1:{port}"),
+    ])
+    .env("S3_ACCESS_KEY_ID", "k")
+    .env("S3_SECRET_ACCESS_KEY", "s");
+    let stderr = refused_start(cmd);
     assert!(
         stderr.contains(&port.to_string()),
         "the error names the endpoint: {stderr}"
     );
 
+    let dir = tempfile::tempdir().unwrap();
     let out = mount::command()
         .args(["mount", "file:///tmp/bucketfs-unused-store"])
         .arg(dir.path().join("does-not-exist"))

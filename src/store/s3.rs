@@ -588,18 +588,14 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Body, options: &PutOptions) -> Result<String> {
         let stream = byte_stream(body).await?;
-        let mut request = self
+        let request = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .body(stream)
             .set_metadata(sdk_metadata(&options.metadata));
-        match &options.condition {
-            Condition::None => {}
-            Condition::IfNoneMatch => request = request.if_none_match("*"),
-            Condition::IfMatch(etag) => request = request.if_match(quote(etag)),
-        }
+        let request = with_condition!(request, &options.condition);
         let out = request
             .send()
             .await
@@ -730,7 +726,7 @@ impl ObjectStore for S3Store {
                     .build(),
             );
         }
-        let mut request = self
+        let request = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -741,11 +737,7 @@ impl ObjectStore for S3Store {
                     .set_parts(Some(completed))
                     .build(),
             );
-        match condition {
-            Condition::None => {}
-            Condition::IfNoneMatch => request = request.if_none_match("*"),
-            Condition::IfMatch(etag) => request = request.if_match(quote(etag)),
-        }
+        let request = with_condition!(request, condition);
         let out = request
             .send()
             .await
@@ -1127,6 +1119,19 @@ fn part_number(number: u32) -> Result<i32> {
     }
     Ok(number as i32)
 }
+
+/// Apply a write condition to a PutObject or CompleteMultipartUpload request builder (two
+/// unrelated SDK types with the same `if_none_match`/`if_match` setters).
+macro_rules! with_condition {
+    ($request:expr, $condition:expr) => {
+        match $condition {
+            Condition::None => $request,
+            Condition::IfNoneMatch => $request.if_none_match("*"),
+            Condition::IfMatch(etag) => $request.if_match(quote(etag)),
+        }
+    };
+}
+use with_condition;
 
 fn unquote(etag: Option<&str>) -> String {
     etag.unwrap_or_default().trim().trim_matches('"').to_owned()
