@@ -164,6 +164,7 @@ impl Cache {
                 s.generation = 1; // dirty: generation 1, nothing clean yet
                 s.journaled = true;
                 s.upload = r.upload.clone();
+                s.meta = r.meta;
             }
             index.next_id = index.next_id.max(r.id + 1);
             if let Some(old) = index.by_key.insert(r.key.clone(), local.clone()) {
@@ -342,6 +343,17 @@ impl Cache {
             .collect()
     }
 
+    /// Cached files at any depth under the key prefix `prefix`: (key, file).
+    pub fn under(&self, prefix: &str) -> Vec<(String, Arc<LocalFile>)> {
+        let index = self.index();
+        index
+            .by_key
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect()
+    }
+
     /// Every file with changes not yet in S3.
     pub fn dirty_files(&self) -> Vec<Arc<LocalFile>> {
         self.index()
@@ -380,6 +392,16 @@ impl Cache {
         file.write_with(offset, data, append, |f, s| {
             self.journal.write(&f.record_locked(s), true)
         })
+    }
+
+    /// chmod/chown/utimens of `file`'s data to be uploaded, with the same journal rule as
+    /// `write`.
+    pub fn change_meta(
+        &self,
+        file: &LocalFile,
+        change: impl FnOnce(&mut crate::meta::PosixMeta),
+    ) -> io::Result<()> {
+        file.change_meta_with(change, |f, s| self.journal.write(&f.record_locked(s), true))
     }
 
     /// `ftruncate` of `file`, with the same journal rule as `write`.

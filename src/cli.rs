@@ -121,6 +121,12 @@ pub struct MountOptions {
     #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "1s", value_parser = parse_duration)]
     pub metadata_ttl: Duration,
 
+    /// Largest directory `rename` moves, in objects at any depth (each is copied then deleted,
+    /// so the move is not atomic). Above it rename fails with EXDEV, and `mv` falls back to
+    /// copying the files one by one.
+    #[arg(long, env = "BUCKETFS_MAX_RENAME_OBJECTS", default_value_t = 10_000)]
+    pub max_rename_objects: usize,
+
     /// Detach: return once the mount is live (exit 0), or fail with the reason.
     #[arg(long, short = 'd')]
     pub daemon: bool,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::StreamExt;
 
 mod inode;
 #[cfg(test)]
@@ -36,6 +37,7 @@ pub use types::*;
 
 use crate::cache::{Cache, CacheError, LocalFile};
 use crate::error::{FsError, FsResult};
+use crate::meta::PosixMeta;
 use crate::read::Reader;
 use crate::store::{ListRequest, ObjectStore, PutOptions, StoreError};
 use crate::writeback::{WriteBack, WriteBackConfig};
@@ -46,6 +48,13 @@ const LISTING_MAX: usize = 10_000;
 
 /// Missing names remembered at once (each a few dozen bytes).
 const NEGATIVE_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
+
+/// HEADs in flight while `opendir` reads its entries' stored attributes: enough to hide the
+/// round trip, few enough not to crowd out the uploads sharing the connection pool.
+const META_FETCH_CONCURRENCY: usize = 32;
+
+/// Copies (and deletes) in flight during a directory rename.
+const RENAME_CONCURRENCY: usize = 16;
 
 /// Objects fetched into the cache for a write-open are downloaded in pieces of this size.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
@@ -180,9 +189,9 @@ impl Filesystem {
     /// The object key of file `path`, or the key prefix of directory `path` (ends with `/`).
     fn key(&self, path: &str, kind: FileKind) -> String {
         match (kind, path.is_empty()) {
-            (FileKind::File, _) => format!("{}{path}", self.prefix),
             (FileKind::Directory, true) => self.prefix.clone(),
             (FileKind::Directory, false) => format!("{}{path}/", self.prefix),
+            (FileKind::File | FileKind::Symlink, _) => format!("{}{path}", self.prefix),
         }
     }
 
@@ -205,29 +214,41 @@ impl Filesystem {
         Ok((key, local))
     }
 
+    /// What `stat` shows: local data's size, mtime and attributes first, else the object's;
+    /// what the object does not store, the mount's defaults (and LastModified as mtime).
     fn attr_of(&self, table: &InodeTable, ino: Ino) -> FsResult<Attr> {
         let node = table.get(ino).ok_or_else(FsError::not_found)?;
-        let default_perm = match node.kind {
-            FileKind::File => self.config.file_mode,
-            FileKind::Directory => self.config.dir_mode,
+        let stored = node.meta.unwrap_or_default();
+        let (size, mtime, meta) = match node.kind {
+            FileKind::File | FileKind::Symlink => {
+                match (self.file_key(table, ino)?.1, &node.remote) {
+                    (Some(local), _) => (local.size(), local.mtime(), local.meta()),
+                    (None, Some(r)) => (r.size, stored.mtime.unwrap_or(r.mtime), stored),
+                    (None, None) => (0, self.mounted_at, stored),
+                }
+            }
+            FileKind::Directory => (0, stored.mtime.unwrap_or(self.mounted_at), stored),
         };
-        let (size, mtime) = match node.kind {
-            FileKind::Directory => (0, self.mounted_at),
-            FileKind::File => match (self.file_key(table, ino)?.1, &node.remote) {
-                (Some(local), _) => (local.size(), local.mtime()),
-                (None, Some(r)) => (r.size, r.mtime),
-                (None, None) => (0, self.mounted_at),
-            },
+        let (kind, default_perm) = match node.kind {
+            FileKind::Directory => (FileKind::Directory, self.config.dir_mode),
+            _ if meta.is_symlink() => (FileKind::Symlink, 0o777),
+            _ => (FileKind::File, self.config.file_mode),
         };
         Ok(Attr {
             ino,
-            kind: node.kind,
+            kind,
             size,
-            mtime: node.mtime.unwrap_or(mtime),
-            perm: node.mode.unwrap_or(default_perm),
-            uid: node.uid.unwrap_or(self.config.uid),
-            gid: node.gid.unwrap_or(self.config.gid),
+            mtime,
+            perm: meta.perm().unwrap_or(default_perm),
+            uid: meta.uid.unwrap_or(self.config.uid),
+            gid: meta.gid.unwrap_or(self.config.gid),
         })
+    }
+
+    /// Whether the table may answer for `node` without S3: confirmed within the TTL, and, for
+    /// a file, with its stored attributes known (a listing alone does not carry them).
+    fn answers_locally(&self, node: &inode::Inode) -> bool {
+        self.is_fresh(node.validated) && (node.kind == FileKind::Directory || node.meta.is_some())
     }
 
     fn entry(&self, table: &InodeTable, ino: Ino) -> FsResult<Entry> {
@@ -262,7 +283,7 @@ impl Filesystem {
                 return Ok(ino);
             }
             if let Some(ino) = table.child(parent, name)
-                && table.get(ino).is_some_and(|c| self.is_fresh(c.validated))
+                && table.get(ino).is_some_and(|c| self.answers_locally(c))
             {
                 return Ok(ino);
             }
@@ -296,6 +317,11 @@ impl Filesystem {
         let (head, list) = tokio::join!(self.store.head(&file_key), self.store.list(listing));
         let list = list?;
         let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
+        // A marker (`name/`, listed first under its own prefix) may hold the directory's mode.
+        let marker = match list.objects.first() {
+            Some(o) if o.key == dir_key => Some(self.head_meta(&dir_key).await?),
+            _ => Some(Default::default()),
+        };
         let head = match head {
             Ok(meta) => Some(meta),
             Err(StoreError::NotFound(_)) => None,
@@ -317,18 +343,14 @@ impl Filesystem {
                 let ino = table.upsert_child(parent, name, FileKind::Directory);
                 if let Some(node) = table.get_mut(ino) {
                     node.validated = Some(Instant::now());
+                    node.meta = marker;
                 }
                 return Ok(ino);
             }
             if let Some(meta) = head {
                 let ino = table.upsert_child(parent, name, FileKind::File);
                 if let Some(node) = table.get_mut(ino) {
-                    node.remote = Some(Remote {
-                        size: meta.size,
-                        etag: meta.etag,
-                        mtime: meta.last_modified,
-                    });
-                    node.validated = Some(Instant::now());
+                    node.set_head(&meta);
                 }
                 return Ok(ino);
             }
@@ -383,6 +405,62 @@ impl Filesystem {
         }
     }
 
+    /// The attributes stored on `key` (none when there is no such object).
+    async fn head_meta(&self, key: &str) -> FsResult<PosixMeta> {
+        match self.store.head(key).await {
+            Ok(head) => Ok(PosixMeta::from_metadata(&head.metadata)),
+            Err(StoreError::NotFound(_)) => Ok(PosixMeta::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Read the stored attributes of `dir`'s children that a listing left unknown, in
+    /// parallel, so that `ls -l` right after `readdir` answers every `stat` from the table.
+    async fn fetch_child_meta(&self, dir: Ino, dir_prefix: &str) {
+        let todo: Vec<(Ino, String)> = {
+            let table = self.table();
+            table
+                .children(dir)
+                .filter(|(_, node)| node.meta.is_none())
+                .map(|(ino, node)| {
+                    let key = format!("{dir_prefix}{}", node.name);
+                    match node.kind {
+                        FileKind::Directory => (ino, format!("{key}/")),
+                        _ => (ino, key),
+                    }
+                })
+                .collect()
+        };
+        let found: Vec<(Ino, FsResult<crate::store::ObjectMeta>)> =
+            futures::stream::iter(todo)
+                .map(|(ino, key)| async move {
+                    (ino, self.store.head(&key).await.map_err(FsError::from))
+                })
+                .buffer_unordered(META_FETCH_CONCURRENCY)
+                .collect()
+                .await;
+        let mut table = self.table();
+        for (ino, head) in found {
+            let Some(node) = table.get_mut(ino) else {
+                continue;
+            };
+            match (node.kind, head) {
+                (FileKind::Directory, Ok(head)) => {
+                    node.meta = Some(PosixMeta::from_metadata(&head.metadata));
+                }
+                (FileKind::Directory, Err(e)) if e.errno_value() == libc::ENOENT => {
+                    node.meta = Some(PosixMeta::default());
+                }
+                // Only if the object is still the version listed (else the next stat asks).
+                (_, Ok(head)) if node.remote.as_ref().is_some_and(|r| r.etag == head.etag) => {
+                    node.set_head(&head);
+                }
+                (_, Ok(_)) => {}
+                (_, Err(e)) => tracing::debug!(ino, "metadata of a listed entry: {e}"),
+            }
+        }
+    }
+
     fn negative(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(Ino, String), Instant>> {
         self.negative.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -421,7 +499,7 @@ impl Filesystem {
         let key = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if node.kind == FileKind::Directory || self.is_fresh(node.validated) {
+            if node.kind == FileKind::Directory || self.answers_locally(node) {
                 return self.attr_of(&table, ino);
             }
             match self.file_key(&table, ino)? {
@@ -431,14 +509,8 @@ impl Filesystem {
         };
         match self.store.head(&key).await {
             Ok(meta) => {
-                let mut table = self.table();
-                if let Some(node) = table.get_mut(ino) {
-                    node.remote = Some(Remote {
-                        size: meta.size,
-                        etag: meta.etag,
-                        mtime: meta.last_modified,
-                    });
-                    node.validated = Some(Instant::now());
+                if let Some(node) = self.table().get_mut(ino) {
+                    node.set_head(&meta);
                 }
             }
             // Deleted behind our back: keep showing what we knew until the next lookup fails;
@@ -450,45 +522,110 @@ impl Filesystem {
     }
 
     pub async fn setattr(&self, ino: Ino, change: SetAttr) -> FsResult<Attr> {
-        if change.size.is_some()
-            || change.mode.is_some()
+        let meta_change = change.mode.is_some()
             || change.uid.is_some()
             || change.gid.is_some()
-        {
+            || change.mtime.is_some();
+        if change.size.is_some() || meta_change {
             self.writable()?;
         }
         if let Some(size) = change.size {
             self.truncate(ino, size).await?;
         }
-        let mut table = self.table();
-        let local = match table.get(ino).map(|n| n.kind) {
-            Some(FileKind::File) => self.file_key(&table, ino)?.1,
-            _ => None,
-        };
-        let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
-        if let Some(mode) = change.mode {
-            node.mode = Some((mode & 0o7777) as u16);
+        if meta_change {
+            self.store_meta(ino, &change).await?;
         }
-        if let Some(uid) = change.uid {
-            node.uid = Some(uid);
-        }
-        if let Some(gid) = change.gid {
-            node.gid = Some(gid);
-        }
-        if let Some(mtime) = change.mtime {
-            match local {
-                Some(local) => local.set_mtime(mtime),
-                None => node.mtime = Some(mtime),
+        self.attr_of(&self.table(), ino)
+    }
+
+    /// chmod/chown/utimens, kept in the object's metadata: a file with changes to upload takes
+    /// them with its upload; otherwise a server-side self-copy replaces the metadata at once (a
+    /// directory's go on its marker, which is written if the directory had none).
+    async fn store_meta(&self, ino: Ino, change: &SetAttr) -> FsResult<()> {
+        let apply = |m: &mut PosixMeta, type_bits: u32| {
+            if let Some(mode) = change.mode {
+                m.set_perm(mode, type_bits);
             }
+            if let Some(uid) = change.uid {
+                m.uid = Some(uid);
+            }
+            if let Some(gid) = change.gid {
+                m.gid = Some(gid);
+            }
+            if let Some(mtime) = change.mtime {
+                m.mtime = Some(mtime);
+            }
+        };
+        let (kind, path) = {
+            let table = self.table();
+            let node = table.get(ino).ok_or_else(FsError::not_found)?;
+            (node.kind, Self::path_of(&table, ino)?)
+        };
+        if kind == FileKind::Directory {
+            let marker = self.key(&path, FileKind::Directory);
+            if marker.is_empty() {
+                // The root of a mount without a key prefix has no key to hold attributes.
+                return Ok(());
+            }
+            let mut meta = self.head_meta(&marker).await?;
+            apply(&mut meta, libc::S_IFDIR);
+            let options = PutOptions {
+                metadata: meta.to_metadata(),
+                ..PutOptions::default()
+            };
+            let empty = crate::store::Body::Bytes(Bytes::new());
+            self.store.put(&marker, empty, &options).await?;
+            if let Some(node) = self.table().get_mut(ino) {
+                node.meta = Some(meta);
+            }
+            return Ok(());
         }
-        self.attr_of(&table, ino)
+        let key = self.key(&path, FileKind::File);
+        let local = self.cache.get(&key);
+        // No upload of the file starts or ends while its attributes change.
+        let _no_upload = match &local {
+            Some(l) => Some(l.upload_lock.lock().await),
+            None => None,
+        };
+        if let Some(local) = &local
+            && (local.is_dirty() || local.etag().is_none())
+        {
+            self.cache.change_meta(local, |m| apply(m, libc::S_IFREG))?;
+            if !local.has_writers() {
+                self.cache.journal_dirty(local, false)?;
+                self.writeback.enqueue(local, false);
+            }
+            return Ok(());
+        }
+        // In S3 only (or cached and clean): read the current metadata, other tools' names
+        // included, and copy the object onto itself with the change.
+        let head = self.store.head(&key).await?;
+        let mut meta = PosixMeta::from_metadata(&head.metadata);
+        apply(&mut meta, libc::S_IFREG);
+        let mut metadata = head.metadata.clone();
+        meta.apply_to(&mut metadata);
+        let etag = self.store.copy(&key, &key, Some(&metadata)).await?;
+        if let Some(local) = &local {
+            local.set_clean_meta(meta);
+            local.set_etag(etag.clone());
+        }
+        if let Some(node) = self.table().get_mut(ino) {
+            node.remote = Some(Remote {
+                etag,
+                ..Remote::from(&head)
+            });
+            node.meta = Some(meta);
+            // LastModified changed with the copy: the next stat reads it.
+            node.validated = None;
+        }
+        Ok(())
     }
 
     async fn truncate(&self, ino: Ino, size: u64) -> FsResult<()> {
         match self.table().get(ino).map(|n| n.kind) {
             None => return Err(FsError::not_found()),
             Some(FileKind::Directory) => return Err(FsError::errno(libc::EISDIR)),
-            Some(FileKind::File) => {}
+            Some(FileKind::File | FileKind::Symlink) => {}
         }
         let file = self.stage(ino, size == 0).await?;
         let growth = size.saturating_sub(file.size());
@@ -586,51 +723,57 @@ impl Filesystem {
                 offset,
             });
         };
-        let mut table = self.table();
-        let now = Some(Instant::now());
-        for name in &dirs {
-            let child = table.upsert_child(ino, name, FileKind::Directory);
-            if let Some(node) = table.get_mut(child) {
-                node.validated = now;
+        {
+            let mut table = self.table();
+            let now = Some(Instant::now());
+            for name in &dirs {
+                let child = table.upsert_child(ino, name, FileKind::Directory);
+                if let Some(node) = table.get_mut(child) {
+                    node.validated = now;
+                }
+                push(&mut entries, child, FileKind::Directory, name.clone());
             }
-            push(&mut entries, child, FileKind::Directory, name.clone());
-        }
-        let mut listed: HashSet<String> = HashSet::new();
-        for o in files {
-            let name = o.key[prefix.len()..].to_string();
-            if dir_names.contains(name.as_str()) {
-                self.warn_once(
-                    &o.key,
-                    "is both an object and a prefix; the directory is shown",
-                );
-                continue;
+            let mut listed: HashSet<String> = HashSet::new();
+            for o in files {
+                let name = o.key[prefix.len()..].to_string();
+                if dir_names.contains(name.as_str()) {
+                    self.warn_once(
+                        &o.key,
+                        "is both an object and a prefix; the directory is shown",
+                    );
+                    continue;
+                }
+                let child = table.upsert_child(ino, &name, FileKind::File);
+                if let Some(node) = table.get_mut(child) {
+                    node.set_listed(&o, Instant::now());
+                }
+                listed.insert(name.clone());
+                push(&mut entries, child, FileKind::File, name);
             }
-            let child = table.upsert_child(ino, &name, FileKind::File);
-            if let Some(node) = table.get_mut(child) {
-                node.remote = Some(Remote {
-                    size: o.size,
-                    etag: o.etag,
-                    mtime: o.last_modified,
-                });
-                node.validated = now;
+            // Files written here and not yet in S3 (or not yet in its listing).
+            for name in local.keys() {
+                if !listed.contains(name) && !dir_names.contains(name.as_str()) {
+                    let child = table.upsert_child(ino, name, FileKind::File);
+                    push(&mut entries, child, FileKind::File, name.clone());
+                }
             }
-            listed.insert(name.clone());
-            push(&mut entries, child, FileKind::File, name);
-        }
-        // Files written here and not yet in S3 (or not yet in its listing).
-        for name in local.keys() {
-            if !listed.contains(name) && !dir_names.contains(name.as_str()) {
-                let child = table.upsert_child(ino, name, FileKind::File);
-                push(&mut entries, child, FileKind::File, name.clone());
-            }
-        }
-        if entries.len() <= LISTING_MAX {
-            let names = entries.iter().skip(2).map(|e| e.name.clone()).collect();
-            if let Some(node) = table.get_mut(ino) {
-                node.listing = Some((Instant::now(), names));
+            if entries.len() <= LISTING_MAX {
+                let names = entries.iter().skip(2).map(|e| e.name.clone()).collect();
+                if let Some(node) = table.get_mut(ino) {
+                    node.listing = Some((Instant::now(), names));
+                }
             }
         }
-        drop(table);
+        self.fetch_child_meta(ino, &prefix).await;
+        {
+            // Symbolic links are known once their stored mode is.
+            let table = self.table();
+            for e in entries.iter_mut().skip(2) {
+                if let Ok(attr) = self.attr_of(&table, e.ino) {
+                    e.kind = attr.kind;
+                }
+            }
+        }
         Ok(self.insert_handle(Handle::Dir {
             entries: Arc::new(entries),
         }))
@@ -687,6 +830,71 @@ impl Filesystem {
             node.validated = Some(Instant::now());
         }
         Ok(entry)
+    }
+
+    /// A symbolic link, stored as s3fs does: an object whose body is the target and whose
+    /// stored mode is `S_IFLNK | 0777`. Written to S3 at once (it is small, and never changes).
+    pub async fn symlink(&self, parent: Ino, name: &str, target: &str) -> FsResult<Entry> {
+        self.writable()?;
+        if target.len() > libc::PATH_MAX as usize {
+            return Err(FsError::errno(libc::ENAMETOOLONG));
+        }
+        match self.resolve(parent, name).await {
+            Ok(_) => return Err(FsError::errno(libc::EEXIST)),
+            Err(e) if e.errno_value() == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+        let key = self.key(
+            &Self::child_path(&Self::path_of(&self.table(), parent)?, name),
+            FileKind::File,
+        );
+        let meta = PosixMeta {
+            mode: Some(libc::S_IFLNK | 0o777),
+            ..PosixMeta::default()
+        };
+        let options = PutOptions {
+            metadata: meta.to_metadata(),
+            ..PutOptions::default()
+        };
+        let body = Bytes::copy_from_slice(target.as_bytes());
+        let etag = self
+            .store
+            .put(&key, crate::store::Body::Bytes(body), &options)
+            .await?;
+        self.exists_now(parent, name);
+        let mut table = self.table();
+        let ino = table.upsert_child(parent, name, FileKind::File);
+        let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
+        node.remote = Some(Remote {
+            size: target.len() as u64,
+            etag,
+            mtime: SystemTime::now(),
+        });
+        node.meta = Some(meta);
+        node.validated = Some(Instant::now());
+        node.lookups += 1;
+        self.entry(&table, ino)
+    }
+
+    /// The target of symbolic link `ino`: its object's body.
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Bytes> {
+        let (key, local, remote) = {
+            let table = self.table();
+            if self.attr_of(&table, ino)?.kind != FileKind::Symlink {
+                return Err(FsError::errno(libc::EINVAL));
+            }
+            let (key, local) = self.file_key(&table, ino)?;
+            let remote = table.get(ino).and_then(|n| n.remote.clone());
+            (key, local, remote)
+        };
+        if let Some(local) = local {
+            return Ok(Bytes::from(local.read_at(0, libc::PATH_MAX as u32)?));
+        }
+        let remote = remote.ok_or_else(FsError::not_found)?;
+        Ok(self
+            .store
+            .get_range(&key, 0..remote.size, Some(&remote.etag))
+            .await?)
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
@@ -753,7 +961,10 @@ impl Filesystem {
         node.open_handles += 1;
         node.remote = None;
         node.validated = None;
-        node.mode = Some((mode & 0o7777) as u16).filter(|m| *m != self.config.file_mode);
+        if (mode & 0o7777) as u16 != self.config.file_mode {
+            self.cache
+                .change_meta(&local, |m| m.set_perm(mode, libc::S_IFREG))?;
+        }
         let entry = self.entry(&table, ino)?;
         drop(table);
         let append = OpenMode::from_flags(flags).append;
@@ -810,17 +1021,11 @@ impl Filesystem {
                 let remote = match remote {
                     Some(r) => r,
                     None => {
-                        let meta = self.store.head(&key).await?;
-                        let r = Remote {
-                            size: meta.size,
-                            etag: meta.etag,
-                            mtime: meta.last_modified,
-                        };
+                        let head = self.store.head(&key).await?;
                         if let Some(node) = self.table().get_mut(ino) {
-                            node.remote = Some(r.clone());
-                            node.validated = Some(Instant::now());
+                            node.set_head(&head);
                         }
-                        r
+                        Remote::from(&head)
                     }
                 };
                 let reader = Reader::new(key, remote.etag, remote.size);
@@ -872,27 +1077,27 @@ impl Filesystem {
     /// Give file `ino` local data: empty when `empty`, else a copy of its object (pinned to the
     /// ETag we know). If another task staged it meanwhile, that copy wins.
     async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<LocalFile>> {
-        let (key, remote) = {
+        let (key, remote, meta) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             match self.file_key(&table, ino)? {
                 (_, Some(local)) => return Ok(local),
-                (key, None) => (key, node.remote.clone()),
+                (key, None) => (key, node.remote.clone(), node.meta),
             }
         };
         // Not known to be in S3 (created here, or renamed while dirty, then uploaded and
-        // evicted): ask, rather than take the object for new and upload an empty file over it.
-        let remote = match (remote, empty) {
-            (None, false) => match self.store.head(&key).await {
-                Ok(meta) => Some(Remote {
-                    size: meta.size,
-                    etag: meta.etag,
-                    mtime: meta.last_modified,
-                }),
-                Err(StoreError::NotFound(_)) => None,
+        // evicted), or its attributes unknown: ask, rather than take the object for new and
+        // upload an empty file over it, or drop its mode.
+        let (remote, meta) = match (&remote, meta, empty) {
+            (None, _, false) | (_, None, _) => match self.store.head(&key).await {
+                Ok(head) => (
+                    Some(Remote::from(&head)),
+                    PosixMeta::from_metadata(&head.metadata),
+                ),
+                Err(StoreError::NotFound(_)) => (None, PosixMeta::default()),
                 Err(e) => return Err(e.into()),
             },
-            (remote, _) => remote,
+            (_, Some(meta), _) => (remote, meta),
         };
         let local = self.cache.create_detached(&key)?;
         match (&remote, empty) {
@@ -915,10 +1120,18 @@ impl Filesystem {
                     offset = end;
                 }
                 local.set_mtime(remote.mtime);
+                local.set_clean_meta(meta);
                 local.set_etag(remote.etag.clone());
             }
-            // Truncated, or known to the table but not in S3: a new (possibly empty) object.
-            _ => local.mark_dirty(),
+            // Truncated, or known to the table but not in S3: a new (possibly empty) object,
+            // keeping the old one's mode and owner.
+            _ => {
+                local.set_clean_meta(PosixMeta {
+                    mtime: None,
+                    ..meta
+                });
+                local.mark_dirty();
+            }
         }
         let local = self.cache.insert_if_absent(local);
         if let Some(node) = self.table().get_mut(ino) {
@@ -1112,9 +1325,9 @@ impl Filesystem {
             )
         };
         if kind == FileKind::Directory {
-            // Moving a prefix means copying every object under it: not done yet. EXDEV makes
-            // mv(1) fall back to copying the tree and removing the original.
-            return Err(FsError::errno(libc::EXDEV));
+            return self
+                .rename_dir(ino, (new_parent, new_name), &old_key, &new_key, target)
+                .await;
         }
         let local = self.cache.get(&old_key);
         // Holding the file's upload lock, no upload of it starts or ends while it moves: it is
@@ -1164,6 +1377,121 @@ impl Filesystem {
         }
         // The old key may hold an object (uploaded earlier, or by the upload that just ended).
         self.store.delete(&old_key).await?;
+        Ok(())
+    }
+
+    /// Move directory `ino` (key prefix `from`) to `to` (`new`): every object under the prefix
+    /// is copied server-side, then the originals deleted; files with changes not yet uploaded
+    /// are re-keyed and uploaded under the new name. Not atomic: another client can see both
+    /// trees, or part of the new one, while it runs; if a copy fails, the originals stay and
+    /// the copies made so far remain under the new name.
+    async fn rename_dir(
+        &self,
+        ino: Ino,
+        new: (Ino, &str),
+        from: &str,
+        to: &str,
+        target: Option<Ino>,
+    ) -> FsResult<()> {
+        if to.starts_with(from) {
+            return Err(FsError::errno(libc::EINVAL)); // into its own subtree
+        }
+        if target.is_some() {
+            // Replacing a directory is allowed only when it is empty.
+            let page = self
+                .store
+                .list(ListRequest {
+                    prefix: to,
+                    delimiter: None,
+                    continuation: None,
+                    max_keys: Some(2),
+                })
+                .await?;
+            if page.objects.iter().any(|o| o.key != to) || !self.cache.under(to).is_empty() {
+                return Err(FsError::errno(libc::ENOTEMPTY));
+            }
+        }
+        // Everything under the prefix, counted before anything changes.
+        let mut objects = Vec::new();
+        let mut continuation = None;
+        loop {
+            let page = self
+                .store
+                .list(ListRequest {
+                    prefix: from,
+                    delimiter: None,
+                    continuation,
+                    max_keys: None,
+                })
+                .await?;
+            objects.extend(page.objects.into_iter().map(|o| o.key));
+            if objects.len() > self.config.max_rename_objects {
+                return Err(FsError::with_message(
+                    libc::EXDEV,
+                    format!(
+                        "rename of {from}: more than {} objects (--max-rename-objects)",
+                        self.config.max_rename_objects
+                    ),
+                ));
+            }
+            match page.next {
+                Some(token) => continuation = Some(token),
+                None => break,
+            }
+        }
+        let renamed = |key: &str| -> String { format!("{to}{}", &key[from.len()..]) };
+        // Local files first, each under its upload lock (no upload of it starts or ends while
+        // it moves): a dirty one is re-keyed and uploads under the new name; a clean one is
+        // copied in S3 like the rest, and its cached data re-keyed.
+        let mut moved = HashSet::new();
+        for (key, local) in self.cache.under(from) {
+            let _no_upload = local.upload_lock.lock().await;
+            let new_key = renamed(&key);
+            if !local.is_dirty() {
+                let etag = self.store.copy(&key, &new_key, None).await?;
+                local.set_etag(etag);
+            }
+            self.cache.rekey(&key, &new_key)?;
+            if local.is_dirty() {
+                self.cache.journal_dirty(&local, false)?;
+                self.writeback.enqueue(&local, false);
+            }
+            moved.insert(key);
+        }
+        let pairs: Vec<(String, String)> = objects
+            .iter()
+            .filter(|k| !moved.contains(*k))
+            .map(|k| (k.clone(), renamed(k)))
+            .collect();
+        let store = &self.store;
+        let copies: Vec<Result<String, StoreError>> = futures::stream::iter(pairs)
+            .map(|(from, to)| async move { store.copy(&from, &to, None).await })
+            .buffer_unordered(RENAME_CONCURRENCY)
+            .collect()
+            .await;
+        for copy in copies {
+            copy?;
+        }
+        let (new_parent, new_name) = new;
+        self.exists_now(new_parent, new_name);
+        {
+            let mut table = self.table();
+            table.rename(ino, new_parent, new_name);
+            table.invalidate_subtree(ino);
+        }
+        let deletes: Vec<Result<(), StoreError>> = futures::stream::iter(objects)
+            .map(|key| async move {
+                match store.delete(&key).await {
+                    Err(StoreError::NotFound(_)) => Ok(()),
+                    other => other,
+                }
+            })
+            .buffer_unordered(RENAME_CONCURRENCY)
+            .collect()
+            .await;
+        for delete in deletes {
+            delete?;
+        }
         Ok(())
     }
 }

@@ -94,6 +94,7 @@ fn file_type(kind: FileKind) -> FileType {
     match kind {
         FileKind::File => FileType::RegularFile,
         FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
     }
 }
 
@@ -237,6 +238,51 @@ impl fuser::Filesystem for FuseAdapter {
                 Err(e) => reply.error(errno(e)),
             },
         );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let names = utf8(link_name).and_then(|n| Ok((n, utf8(target.as_os_str())?)));
+        self.spawn(
+            span!("symlink", req, ino = parent.0),
+            |fs| async move {
+                let (name, target) = names?;
+                fs.symlink(parent.0, &name, &target).await
+            },
+            move |r| match r {
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(
+            span!("readlink", req, ino = ino.0),
+            |fs| async move { fs.readlink(ino.0).await },
+            move |r| match r {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    /// Hard links: an object has one key, so there is no second name for it (documented).
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {

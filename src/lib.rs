@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod meta;
 pub mod mount;
 pub mod read;
 pub mod store;

@@ -318,7 +318,7 @@ async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<()
             .put(
                 &snapshot_now.key,
                 Body::Bytes(bytes.into()),
-                &PutOptions::default(),
+                &put_options(&snapshot_now),
             )
             .await?;
         return mark_clean(inner, file, &snapshot_now, etag);
@@ -326,6 +326,14 @@ async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<()
         upload_multipart(inner, file, &snapshot).await?
     };
     mark_clean(inner, file, &snapshot, etag)
+}
+
+/// The object's metadata: the file's mode, owner and explicit mtime (DESIGN.md §6).
+fn put_options(snapshot: &Snapshot) -> PutOptions {
+    PutOptions {
+        metadata: snapshot.meta.to_metadata(),
+        ..PutOptions::default()
+    }
 }
 
 fn mark_clean(
@@ -358,7 +366,7 @@ async fn upload_multipart(
         abort_stale_uploads(inner, key).await;
         let upload_id = inner
             .store
-            .create_multipart(key, &PutOptions::default())
+            .create_multipart(key, &put_options(snapshot))
             .await?;
         let fresh = UploadRecord {
             upload_id,

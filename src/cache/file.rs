@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use super::journal::{FORMAT, Record, UploadRecord};
+use crate::meta::PosixMeta;
 
 #[derive(Debug)]
 pub(super) struct State {
     pub key: String,
     pub size: u64,
     pub mtime: SystemTime,
+    /// Mode, owner and explicitly set mtime, uploaded as object metadata with the data.
+    pub meta: PosixMeta,
     /// Bumped by every change.
     pub generation: u64,
     /// The generation known to be in S3.
@@ -69,6 +72,7 @@ pub struct Snapshot {
     pub key: String,
     pub size: u64,
     pub generation: u64,
+    pub meta: PosixMeta,
 }
 
 impl LocalFile {
@@ -90,6 +94,7 @@ impl LocalFile {
                 key,
                 size,
                 mtime,
+                meta: PosixMeta::default(),
                 generation: 0,
                 clean_generation: 0,
                 unlinked: false,
@@ -190,6 +195,7 @@ impl LocalFile {
             key: s.key.clone(),
             size: s.size,
             generation: s.generation,
+            meta: s.meta,
         }
     }
 
@@ -203,6 +209,7 @@ impl LocalFile {
                 key: s.key.clone(),
                 size: s.size,
                 generation: s.generation,
+                meta: s.meta,
             },
             buf,
         ))
@@ -335,14 +342,26 @@ impl LocalFile {
         }
     }
 
+    /// A change of the data: a new generation, mtime now (a stored mtime no longer applies).
     fn changed_locked(
         &self,
         s: &mut State,
         on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
     ) -> io::Result<()> {
-        s.generation += 1;
         s.mtime = SystemTime::now();
+        s.meta.mtime = None;
         self.account(s);
+        self.new_generation_locked(s, on_void)
+    }
+
+    /// A new generation to upload. A multipart upload in progress is void: its parts or the
+    /// metadata it was created with no longer match.
+    fn new_generation_locked(
+        &self,
+        s: &mut State,
+        on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
+    ) -> io::Result<()> {
+        s.generation += 1;
         if s.upload.take().is_some() {
             on_void(self, s)?;
         }
@@ -363,8 +382,37 @@ impl LocalFile {
         Ok(())
     }
 
+    /// Set the mtime without changing the data (a staged copy's mtime, or a restart's).
     pub fn set_mtime(&self, mtime: SystemTime) {
         self.state().mtime = mtime;
+    }
+
+    pub fn meta(&self) -> PosixMeta {
+        self.state().meta
+    }
+
+    /// Set the attributes of data that matches the object (staged, or just copied in S3).
+    pub fn set_clean_meta(&self, meta: PosixMeta) {
+        let mut s = self.state();
+        s.meta = meta;
+        if let Some(mtime) = meta.mtime {
+            s.mtime = mtime;
+        }
+    }
+
+    /// chmod/chown/utimens of a file whose data is to be uploaded: a new generation (so an
+    /// upload already running cannot mark it clean with the old metadata), same data.
+    pub(super) fn change_meta_with(
+        &self,
+        change: impl FnOnce(&mut PosixMeta),
+        on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut s = self.state();
+        change(&mut s.meta);
+        if let Some(mtime) = s.meta.mtime {
+            s.mtime = mtime;
+        }
+        self.new_generation_locked(&mut s, on_void)
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
@@ -383,6 +431,7 @@ impl LocalFile {
                 .unwrap_or_default()
                 .as_nanos(),
             upload: s.upload.clone(),
+            meta: s.meta,
         }
     }
 }

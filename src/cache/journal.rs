@@ -28,6 +28,9 @@ pub struct Record {
     pub mtime_ns: u128,
     /// A multipart upload of exactly this data, when one is in progress.
     pub upload: Option<UploadRecord>,
+    /// Mode, owner and explicit mtime to upload with the data (absent in older records).
+    #[serde(default)]
+    pub meta: crate::meta::PosixMeta,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,10 @@ mod tests {
             size: 10,
             mtime_ns: 1,
             upload: None,
+            meta: crate::meta::PosixMeta {
+                mode: Some(libc::S_IFREG | 0o600),
+                ..Default::default()
+            },
         };
         j.write(&r, true).unwrap();
         r.upload = Some(UploadRecord {

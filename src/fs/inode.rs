@@ -9,13 +9,26 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Instant, SystemTime};
 
 use super::types::{FileKind, Ino, ROOT_INO};
+use crate::meta::PosixMeta;
+use crate::store::ObjectMeta;
 
 /// What S3 last told us about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
     pub size: u64,
     pub etag: String,
+    /// LastModified: the upload time.
     pub mtime: SystemTime,
+}
+
+impl From<&ObjectMeta> for Remote {
+    fn from(o: &ObjectMeta) -> Remote {
+        Remote {
+            size: o.size,
+            etag: o.etag.clone(),
+            mtime: o.last_modified,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -32,11 +45,9 @@ pub struct Inode {
     pub lookups: u64,
     /// Open handles.
     pub open_handles: u32,
-    /// chmod/chown/utimens results; kept in memory only (persisting them is a later change).
-    pub mode: Option<u16>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub mtime: Option<SystemTime>,
+    /// The POSIX attributes stored in the object's metadata (a directory's: its marker's), for
+    /// the version in `remote`; `None` until a HEAD reads them (listings do not carry them).
+    pub meta: Option<PosixMeta>,
     /// A directory's complete list of names as S3 showed it (plus local changes since), and
     /// when: within the TTL a name not in it is missing without asking S3. Kept only for
     /// directories small enough to list in one page.
@@ -46,6 +57,23 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// Take what a HEAD of the object found: its version and its stored attributes.
+    pub fn set_head(&mut self, head: &ObjectMeta) {
+        self.remote = Some(Remote::from(head));
+        self.meta = Some(PosixMeta::from_metadata(&head.metadata));
+        self.validated = Some(Instant::now());
+    }
+
+    /// Take a listing's entry for the object: a new version's stored attributes are unknown
+    /// until the next HEAD (listings do not carry metadata).
+    pub fn set_listed(&mut self, listed: &ObjectMeta, at: Instant) {
+        if self.remote.as_ref().is_none_or(|r| r.etag != listed.etag) {
+            self.meta = None;
+        }
+        self.remote = Some(Remote::from(listed));
+        self.validated = Some(at);
+    }
+
     fn new(parent: Ino, name: String, kind: FileKind) -> Inode {
         Inode {
             parent,
@@ -55,10 +83,7 @@ impl Inode {
             validated: Some(Instant::now()),
             lookups: 0,
             open_handles: 0,
-            mode: None,
-            uid: None,
-            gid: None,
-            mtime: None,
+            meta: None,
             listing: None,
             children: HashMap::new(),
         }
@@ -94,6 +119,15 @@ impl InodeTable {
 
     pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Inode> {
         self.inodes.get_mut(&ino)
+    }
+
+    /// The children of directory `dir`.
+    pub fn children(&self, dir: Ino) -> impl Iterator<Item = (Ino, &Inode)> {
+        self.inodes
+            .get(&dir)
+            .into_iter()
+            .flat_map(|d| d.children.values())
+            .filter_map(|ino| Some((*ino, self.inodes.get(ino)?)))
     }
 
     pub fn child(&self, parent: Ino, name: &str) -> Option<Ino> {
@@ -178,6 +212,18 @@ impl InodeTable {
             node.name = new_name.to_string();
         }
         self.link(new_parent, new_name, ino);
+    }
+
+    /// Make every inode under `dir` ask S3 again at its next stat (its objects were moved).
+    pub fn invalidate_subtree(&mut self, dir: Ino) {
+        let mut todo = vec![dir];
+        while let Some(ino) = todo.pop() {
+            if let Some(node) = self.inodes.get_mut(&ino) {
+                node.validated = None;
+                node.listing = None;
+                todo.extend(node.children.values().copied());
+            }
+        }
     }
 
     /// The kernel dropped `n` references.

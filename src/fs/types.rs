@@ -30,6 +30,8 @@ pub struct FsConfig {
     pub writeback_delay: Duration,
     /// Files uploading at once.
     pub max_uploads: usize,
+    /// Largest directory (objects at any depth) that `rename` moves; above it, EXDEV.
+    pub max_rename_objects: usize,
     /// This mount's cache directory.
     pub cache_dir: PathBuf,
     /// The cache's byte budget and back-pressure timeout.
@@ -49,6 +51,7 @@ impl Default for FsConfig {
             upload_concurrency: 4,
             writeback_delay: Duration::from_secs(1),
             max_uploads: 8,
+            max_rename_objects: 10_000,
             cache_dir: std::env::temp_dir().join("bucketfs-cache"),
             cache_limits: CacheLimits::default(),
         }
@@ -59,6 +62,9 @@ impl Default for FsConfig {
 pub enum FileKind {
     File,
     Directory,
+    /// Shown for a file object whose stored mode says symbolic link (in the inode table it is
+    /// a `File`: an object like any other).
+    Symlink,
 }
 
 /// What `stat` shows.
