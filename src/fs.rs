@@ -1465,7 +1465,20 @@ impl Filesystem {
             .collect();
         let store = &self.store;
         let copies: Vec<Result<String, StoreError>> = futures::stream::iter(pairs)
-            .map(|(from, to)| async move { store.copy(&from, &to, None).await })
+            .map(|(from, to)| async move {
+                if from.ends_with('/') {
+                    // A directory marker is written anew (some servers, SeaweedFS among them,
+                    // cannot copy one), with its stored attributes.
+                    let head = store.head(&from).await?;
+                    let options = PutOptions {
+                        metadata: head.metadata,
+                        ..PutOptions::default()
+                    };
+                    let empty = crate::store::Body::Bytes(Bytes::new());
+                    return store.put(&to, empty, &options).await;
+                }
+                store.copy(&from, &to, None).await
+            })
             .buffer_unordered(RENAME_CONCURRENCY)
             .collect()
             .await;

@@ -103,6 +103,9 @@ macro_rules! both_servers {
     };
 }
 
+#[path = "mount/posix.rs"]
+mod posix;
+
 both_servers!(
     files_round_trip_as_objects_under_the_prefix,
     objects_put_by_any_client_appear_in_the_mount,
