@@ -32,6 +32,7 @@ mod file;
 pub mod journal;
 
 pub use file::{LocalFile, Snapshot};
+pub use journal::Base;
 use journal::{Journal, UploadRecord};
 
 /// Limits of the cache.
@@ -165,6 +166,7 @@ impl Cache {
                 s.journaled = true;
                 s.upload = r.upload.clone();
                 s.meta = r.meta;
+                s.base = r.base.clone();
             }
             index.next_id = index.next_id.max(r.id + 1);
             if let Some(old) = index.by_key.insert(r.key.clone(), local.clone()) {
@@ -300,9 +302,10 @@ impl Cache {
         Some(file)
     }
 
-    /// `rename`: move the cached file of `from` to `to`. Returns the file `to` had, now
-    /// forgotten (the caller waits for its upload in flight).
-    pub fn rekey(&self, from: &str, to: &str) -> io::Result<Option<Arc<LocalFile>>> {
+    /// `rename`: move the cached file of `from` to `to`; if it is dirty, its data then replaces
+    /// `base` at `to`. Returns the file `to` had, now forgotten (the caller waits for its
+    /// upload in flight).
+    pub fn rekey(&self, from: &str, to: &str, base: Base) -> io::Result<Option<Arc<LocalFile>>> {
         let mut index = self.index();
         let replaced = index.by_key.remove(to);
         if let Some(old) = &replaced {
@@ -320,6 +323,7 @@ impl Cache {
             // journaled multipart upload (addressed by key) must not be resumed.
             s.upload = None;
             s.generation += 1;
+            s.base = base;
         }
         if s.journaled {
             self.journal.write(&file.record_locked(&s), true)?;
@@ -665,7 +669,7 @@ mod tests {
         let (cache, _) = Cache::open(dir.path(), limits(1 << 20)).unwrap();
         let f = cache.create("d/a", true).unwrap();
         cache.create("d/sub/x", true).unwrap();
-        cache.rekey("d/a", "d/b").unwrap();
+        cache.rekey("d/a", "d/b", Base::Unknown).unwrap();
         assert!(cache.get("d/a").is_none());
         assert_eq!(cache.get("d/b").unwrap().id(), f.id());
         let names: Vec<String> = cache.children("d/").into_iter().map(|(n, _)| n).collect();

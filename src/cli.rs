@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::store::AddressingStyle;
 
@@ -116,10 +116,17 @@ pub struct MountOptions {
     #[arg(long, env = "BUCKETFS_READ_ONLY")]
     pub read_only: bool,
 
-    /// How long file attributes and directory entries are trusted before S3 is asked again
-    /// (e.g. 1s, 500ms, 1m).
-    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "1s", value_parser = parse_duration)]
+    /// How long file attributes, directory entries and missing names are trusted before S3 is
+    /// asked again (e.g. 1s, 500ms, 1m); changes made through this mount show at once, other
+    /// clients' within the TTL. `indefinite` for a bucket no one else writes.
+    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "1s", value_parser = parse_ttl)]
     pub metadata_ttl: Duration,
+
+    /// Guard against lost updates with S3 conditional writes (If-None-Match / If-Match): a file
+    /// another client changed meanwhile is kept under NAME.conflict-<time> instead of
+    /// overwriting theirs. `auto` probes the server once at mount.
+    #[arg(long, env = "BUCKETFS_CONDITIONAL_WRITES", value_enum, default_value_t = ConditionalWrites::Auto)]
+    pub conditional_writes: ConditionalWrites,
 
     /// Largest directory `rename` moves, in objects at any depth (each is copied then deleted,
     /// so the move is not atomic). Above it rename fails with EXDEV, and `mv` falls back to
@@ -130,6 +137,15 @@ pub struct MountOptions {
     /// Detach: return once the mount is live (exit 0), or fail with the reason.
     #[arg(long, short = 'd')]
     pub daemon: bool,
+}
+
+/// `--conditional-writes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConditionalWrites {
+    /// Probe the server at mount (a scratch object is created twice, then deleted).
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -221,6 +237,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// What `--metadata-ttl indefinite` stands for: a century, far beyond any mount's life, yet
+/// small enough that adding it to an `Instant` or a kernel timeout cannot overflow.
+pub const INDEFINITE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parse a cache TTL: a duration, or `indefinite`.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match s.trim() {
+        "indefinite" => Ok(INDEFINITE_TTL),
+        other => parse_duration(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +267,14 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("8 parsecs").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_ttl("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_ttl("indefinite"), Ok(INDEFINITE_TTL));
+        assert!(parse_ttl("forever").is_err());
     }
 
     #[test]

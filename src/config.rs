@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cache::CacheLimits;
-use crate::cli::MountArgs;
+use crate::cli::{ConditionalWrites, MountArgs};
 use crate::fs::FsConfig;
 use crate::store::{AddressingStyle, S3Config};
 
@@ -113,6 +113,8 @@ pub struct Config {
     /// How long shutdown waits for pending uploads.
     pub drain_timeout: Duration,
     pub log_level: String,
+    /// `--conditional-writes`; `fs.conditional_writes` holds the outcome once settled.
+    pub conditional_writes: ConditionalWrites,
     pub fs: FsConfig,
 }
 
@@ -163,6 +165,8 @@ impl Config {
             dir_mode: args.mount.dir_mode,
             read_only: args.mount.read_only,
             metadata_ttl: args.mount.metadata_ttl,
+            // `auto` is settled by a probe at mount (`mount::open_store`); until then, on.
+            conditional_writes: args.mount.conditional_writes != ConditionalWrites::Off,
             part_size: args.cache.part_size,
             upload_concurrency: args.cache.upload_concurrency.max(1),
             writeback_delay: args.cache.writeback_delay,
@@ -184,6 +188,7 @@ impl Config {
             daemon: args.mount.daemon,
             drain_timeout: args.cache.drain_timeout,
             log_level: args.logging.log_level.clone(),
+            conditional_writes: args.mount.conditional_writes,
             fs,
         };
         config.fs.cache_dir = config.cache_root.join(config.mount_id());

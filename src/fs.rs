@@ -29,13 +29,15 @@ use futures::StreamExt;
 
 mod inode;
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;
 mod types;
 
 pub use inode::Remote;
 pub use types::*;
 
-use crate::cache::{Cache, CacheError, LocalFile};
+use crate::cache::{Base, Cache, CacheError, LocalFile};
 use crate::error::{FsError, FsResult};
 use crate::meta::PosixMeta;
 use crate::read::Reader;
@@ -134,6 +136,7 @@ impl Filesystem {
                 max_uploads: config.max_uploads,
                 part_size: config.part_size,
                 part_concurrency: config.upload_concurrency,
+                conditional: config.conditional_writes,
             },
         );
         if !recovered.is_empty() {
@@ -954,6 +957,8 @@ impl Filesystem {
         let path = Self::child_path(&Self::path_of(&table, parent)?, name);
         // A new file is an object to create, even if nothing is ever written to it.
         let local = self.cache.create(&self.key(&path, FileKind::File), true)?;
+        // Believed new: its upload must not replace an object someone else creates meanwhile.
+        local.set_base(Base::Absent);
         local.opened(true);
         let ino = table.upsert_child(parent, name, FileKind::File);
         let node = table.get_mut(ino).ok_or_else(FsError::not_found)?;
@@ -1129,6 +1134,10 @@ impl Filesystem {
                 local.set_clean_meta(PosixMeta {
                     mtime: None,
                     ..meta
+                });
+                local.set_base(match &remote {
+                    Some(remote) => Base::Version(remote.etag.clone()),
+                    None => Base::Absent,
                 });
                 local.mark_dirty();
             }
@@ -1347,7 +1356,8 @@ impl Filesystem {
         // Dirty: the local data is the newest version; it is re-keyed and uploaded under the
         // new name. A replaced target's upload in flight finishes (or aborts) before this
         // file's upload can start, so it can never land over it.
-        let replaced = self.cache.rekey(&old_key, &new_key)?;
+        // The data replaces whatever is at the new name (rename's meaning): no version check.
+        let replaced = self.cache.rekey(&old_key, &new_key, Base::Unknown)?;
         if let Some(replaced) = replaced {
             let _after_its_upload = replaced.upload_lock.lock().await;
         }
@@ -1451,7 +1461,7 @@ impl Filesystem {
                 let etag = self.store.copy(&key, &new_key, None).await?;
                 local.set_etag(etag);
             }
-            self.cache.rekey(&key, &new_key)?;
+            self.cache.rekey(&key, &new_key, Base::Unknown)?;
             if local.is_dirty() {
                 self.cache.journal_dirty(&local, false)?;
                 self.writeback.enqueue(&local, false);

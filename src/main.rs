@@ -50,9 +50,10 @@ fn run_mount(args: MountArgs) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<bool, StartError> {
+async fn serve(mut config: Config) -> Result<bool, StartError> {
     mount::check_mountpoint(&config.mountpoint)?;
     let store = mount::open_store(&config).await?;
+    config.fs.conditional_writes = mount::conditional_writes(&config, store.as_ref()).await;
     let mounted = mount::mount(&config, store, tokio::runtime::Handle::current())?;
     if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
         announce_ready(&config);

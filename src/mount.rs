@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cli::ConditionalWrites;
 use crate::config::{Config, Source};
 use crate::fs::Filesystem;
 use crate::fuse::FuseAdapter;
-use crate::store::{DirStore, ObjectStore, S3Store, StoreError};
+use crate::store::{self, DirStore, ObjectStore, S3Store, StoreError};
 
 /// How long the start-up check may take before the endpoint counts as unreachable.
 const ACCESS_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,6 +52,50 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartEr
             "{what}: no answer within {}s (is the endpoint reachable?)",
             ACCESS_CHECK_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// Settle `--conditional-writes`: `auto` probes the store once (a writable mount only; the
+/// probe writes and deletes one scratch object under the prefix).
+pub async fn conditional_writes(config: &Config, store: &dyn ObjectStore) -> bool {
+    match config.conditional_writes {
+        ConditionalWrites::On => true,
+        ConditionalWrites::Off => false,
+        ConditionalWrites::Auto if config.fs.read_only => false,
+        ConditionalWrites::Auto => {
+            let scratch = format!(
+                "{}.bucketfs-probe-{:016x}",
+                config.source.prefix(),
+                rand::random::<u64>()
+            );
+            let probe = store::honours_conditional_writes(store, &scratch);
+            match tokio::time::timeout(ACCESS_CHECK_TIMEOUT, probe).await {
+                Ok(Ok(true)) => {
+                    tracing::info!(
+                        "conditional writes: supported; uploads cannot overwrite other clients' changes unseen"
+                    );
+                    true
+                }
+                Ok(Ok(false)) => {
+                    tracing::warn!(
+                        "conditional writes: not supported by the server; uploads replace objects unconditionally"
+                    );
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        "conditional writes: probe failed ({e}); uploads replace objects unconditionally"
+                    );
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "conditional writes: probe timed out; uploads replace objects unconditionally"
+                    );
+                    false
+                }
+            }
+        }
     }
 }
 

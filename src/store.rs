@@ -288,6 +288,38 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<MultipartUpload>>;
 }
 
+/// Whether `store` honours `If-None-Match: *`: the object `scratch` is created twice, the
+/// second time conditionally (it must be refused), then deleted. A server that ignores the
+/// header (the second write succeeds) or rejects it (`NotImplemented`) does not; transient
+/// and access errors are returned.
+pub async fn honours_conditional_writes(store: &dyn ObjectStore, scratch: &str) -> Result<bool> {
+    let create_only = PutOptions {
+        condition: Condition::IfNoneMatch,
+        ..PutOptions::default()
+    };
+    let empty = || Body::Bytes(Bytes::new());
+    let first = store.put(scratch, empty(), &create_only).await;
+    let second = match &first {
+        Ok(_) => Some(store.put(scratch, empty(), &create_only).await),
+        Err(_) => None,
+    };
+    if first.is_ok()
+        && let Err(e) = store.delete(scratch).await
+    {
+        tracing::warn!(
+            key = scratch,
+            "cannot delete the conditional-write probe: {e}"
+        );
+    }
+    match (first, second) {
+        (Ok(_), Some(Err(StoreError::PreconditionFailed(_)))) => Ok(true),
+        (Ok(_), Some(Ok(_))) => Ok(false),
+        (Err(e), _) | (_, Some(Err(e))) if e.is_transient() => Err(e),
+        (Err(e @ StoreError::PermissionDenied(_)), _) => Err(e),
+        _ => Ok(false),
+    }
+}
+
 /// The ETag S3 gives a multipart object: MD5 of the concatenated binary part MD5s, `-N`.
 pub fn multipart_etag<'a>(part_etags: impl IntoIterator<Item = &'a str>) -> String {
     use md5::{Digest, Md5};

@@ -15,11 +15,17 @@
 //! Failures are never dropped: transient ones (network, 5xx, throttling) retry with exponential
 //! backoff and jitter, permanent ones (access denied, missing bucket) are logged loudly and
 //! retried slowly; the file stays dirty and readable from the cache throughout.
+//!
+//! Lost updates: with `conditional` on, every upload carries the condition of the version its
+//! data replaces ([`Base`]): `If-None-Match: *` for a new file, `If-Match: <etag>` for one read
+//! from (or last uploaded to) S3. If another client changed the object in between, S3 refuses
+//! the write; the local data is then moved to a conflict name (`NAME.conflict-<UTC time>`) and
+//! uploaded there, so both versions survive and nothing is overwritten unseen.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use rand::Rng;
@@ -27,8 +33,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::cache::journal::UploadRecord;
-use crate::cache::{Cache, LocalFile, Snapshot};
-use crate::store::{Body, CompletedPart, ObjectStore, PutOptions, StoreError};
+use crate::cache::{Base, Cache, LocalFile, Snapshot};
+use crate::fs::NAME_MAX;
+use crate::store::{Body, CompletedPart, Condition, ObjectStore, PutOptions, StoreError};
 use crate::upload::{effective_part_size, plan_parts};
 
 /// First retry delay after a transient failure; doubles per failure up to `MAX_BACKOFF`.
@@ -48,6 +55,8 @@ pub struct WriteBackConfig {
     /// Multipart part size, and parts in flight per file.
     pub part_size: u64,
     pub part_concurrency: usize,
+    /// Guard against lost updates with conditional writes (the server supports them).
+    pub conditional: bool,
 }
 
 /// Why an upload attempt did not make the file clean.
@@ -59,6 +68,10 @@ pub enum UploadError {
     Io(#[from] std::io::Error),
     #[error("the file changed during the upload")]
     Superseded,
+    /// Another client changed the object: the data moved to a conflict name (or, if the object
+    /// was deleted, will create it anew) and goes up at once.
+    #[error("the object changed in S3; the local version is kept as {0}")]
+    Conflict(String),
 }
 
 impl UploadError {
@@ -66,7 +79,7 @@ impl UploadError {
         match self {
             UploadError::Store(e) => !e.is_transient(),
             UploadError::Io(_) => true,
-            UploadError::Superseded => false,
+            UploadError::Superseded | UploadError::Conflict(_) => false,
         }
     }
 }
@@ -92,6 +105,18 @@ struct Inner {
     uploads: Arc<Semaphore>,
     uploaded: AtomicU64,
     failed: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+/// Counters of the uploader since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Files queued or uploading now.
+    pub pending: usize,
+    pub uploaded: u64,
+    pub failed_attempts: u64,
+    /// Uploads refused because another client had changed the object (kept under a new name).
+    pub conflicts: u64,
 }
 
 /// Handle to the uploader; cheap to clone.
@@ -117,6 +142,7 @@ impl WriteBack {
             uploads,
             uploaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
         });
         tokio::spawn(scheduler(Arc::downgrade(&inner)));
         WriteBack { inner }
@@ -189,14 +215,14 @@ impl WriteBack {
         }
     }
 
-    /// (files queued or uploading, uploads done, failed attempts).
-    pub fn stats(&self) -> (usize, u64, u64) {
+    pub fn stats(&self) -> UploadStats {
         let q = self.queue();
-        (
-            q.due.len() + q.running.len(),
-            self.inner.uploaded.load(Ordering::Relaxed),
-            self.inner.failed.load(Ordering::Relaxed),
-        )
+        UploadStats {
+            pending: q.due.len() + q.running.len(),
+            uploaded: self.inner.uploaded.load(Ordering::Relaxed),
+            failed_attempts: self.inner.failed.load(Ordering::Relaxed),
+            conflicts: self.inner.conflicts.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -266,6 +292,12 @@ fn finish_queue(inner: &Inner, file: &Arc<LocalFile>, result: Result<(), UploadE
                 q.due.entry(file.id()).or_insert((at, file.clone(), false));
             }
         }
+        Err(UploadError::Conflict(_)) => {
+            // Moved to its conflict name (or to be created anew): upload that right away.
+            q.due
+                .entry(file.id())
+                .or_insert((Instant::now(), file.clone(), true));
+        }
         Err(e) => {
             let retry_in = if matches!(e, UploadError::Superseded) {
                 inner.config.delay
@@ -311,29 +343,123 @@ async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<()
         return Ok(());
     }
     let snapshot = file.snapshot();
-    let etag = if snapshot.size < inner.config.part_size {
-        let (snapshot_now, bytes) = file.read_snapshot()?;
-        let etag = inner
-            .store
-            .put(
-                &snapshot_now.key,
-                Body::Bytes(bytes.into()),
-                &put_options(&snapshot_now),
-            )
-            .await?;
-        return mark_clean(inner, file, &snapshot_now, etag);
+    let (snapshot, sent) = if snapshot.size < inner.config.part_size {
+        match file.read_snapshot() {
+            Ok((snapshot, bytes)) => {
+                let options = put_options(inner, &snapshot);
+                let sent = inner
+                    .store
+                    .put(&snapshot.key, Body::Bytes(bytes.into()), &options)
+                    .await
+                    .map_err(UploadError::from);
+                (snapshot, sent)
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
-        upload_multipart(inner, file, &snapshot).await?
+        let sent = upload_multipart(inner, file, &snapshot).await;
+        (snapshot, sent)
     };
-    mark_clean(inner, file, &snapshot, etag)
+    match sent {
+        Ok(etag) => mark_clean(inner, file, &snapshot, etag),
+        Err(UploadError::Store(e)) if inner.config.conditional => {
+            Err(refused_write(inner, file, &snapshot, e)?)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// The object's metadata: the file's mode, owner and explicit mtime (DESIGN.md §6).
-fn put_options(snapshot: &Snapshot) -> PutOptions {
+/// The object's metadata (the file's mode, owner and explicit mtime, DESIGN.md §6) and the
+/// condition that protects the version the data replaces.
+fn put_options(inner: &Inner, snapshot: &Snapshot) -> PutOptions {
     PutOptions {
         metadata: snapshot.meta.to_metadata(),
-        ..PutOptions::default()
+        condition: condition(inner, &snapshot.base),
     }
+}
+
+fn condition(inner: &Inner, base: &Base) -> Condition {
+    match base {
+        _ if !inner.config.conditional => Condition::None,
+        Base::Unknown => Condition::None,
+        Base::Absent => Condition::IfNoneMatch,
+        Base::Version(etag) => Condition::IfMatch(etag.clone()),
+    }
+}
+
+/// A conditional upload of `snapshot` failed with `error`. If the condition was not met,
+/// another client changed the object since this data was based on it: keep the local data
+/// under a conflict name (uploaded next, as a new object) and leave theirs in place. If the
+/// version we replace was deleted, the data simply creates the object again. Other errors
+/// pass through.
+fn refused_write(
+    inner: &Inner,
+    file: &Arc<LocalFile>,
+    snapshot: &Snapshot,
+    error: StoreError,
+) -> Result<UploadError, UploadError> {
+    let replaces_a_version = matches!(snapshot.base, Base::Version(_));
+    match error {
+        StoreError::NotFound(_) if replaces_a_version => {
+            tracing::info!(
+                key = snapshot.key,
+                "the object was deleted in S3 since it was read here; the local version creates it anew"
+            );
+            file.set_base(Base::Absent);
+            Ok(UploadError::Conflict(snapshot.key.clone()))
+        }
+        StoreError::PreconditionFailed(detail) => {
+            // The upload lock is held, so no rename moves the file meanwhile; an unlink or a
+            // replacing create has made it unlinked, and then it must not be uploaded at all.
+            if file.is_unlinked() || file.key() != snapshot.key {
+                return Ok(UploadError::Superseded);
+            }
+            let to = conflict_key(&snapshot.key, SystemTime::now(), |k| {
+                inner.cache.get(k).is_some()
+            });
+            inner.cache.rekey(&snapshot.key, &to, Base::Absent)?;
+            inner.conflicts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                key = snapshot.key,
+                kept_as = to,
+                "conflict: the object was changed in S3 by another client since this file was \
+                 read or written here; S3 keeps their version and the local version is \
+                 uploaded under the conflict name ({detail})"
+            );
+            Ok(UploadError::Conflict(to))
+        }
+        other => Err(other.into()),
+    }
+}
+
+/// `dir/NAME.conflict-YYYYMMDDTHHMMSSZ` (UTC), with `-2`, `-3`… while `taken`, and `NAME` cut
+/// (at a character boundary) so that the file name stays within 255 bytes.
+fn conflict_key(key: &str, now: SystemTime, taken: impl Fn(&str) -> bool) -> String {
+    let (dir, name) = key.rsplit_once('/').map_or(("", key), |(d, n)| (d, n));
+    let stamp: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    (1..)
+        .map(|n| {
+            let suffix = match n {
+                1 => format!(".conflict-{stamp}"),
+                n => format!(".conflict-{stamp}-{n}"),
+            };
+            let mut cut = NAME_MAX.saturating_sub(suffix.len()).min(name.len());
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let file = format!("{}{suffix}", &name[..cut]);
+            if dir.is_empty() {
+                file
+            } else {
+                format!("{dir}/{file}")
+            }
+        })
+        .find(|k| !taken(k))
+        .unwrap_or_else(|| unreachable!("an unbounded range always has a free name"))
 }
 
 fn mark_clean(
@@ -366,7 +492,7 @@ async fn upload_multipart(
         abort_stale_uploads(inner, key).await;
         let upload_id = inner
             .store
-            .create_multipart(key, &put_options(snapshot))
+            .create_multipart(key, &put_options(inner, snapshot))
             .await?;
         let fresh = UploadRecord {
             upload_id,
@@ -457,13 +583,25 @@ async fn upload_multipart(
     };
     match inner
         .store
-        .complete_multipart(key, &upload_id, &parts, &Default::default())
+        .complete_multipart(key, &upload_id, &parts, &condition(inner, &snapshot.base))
         .await
     {
         Ok(etag) => Ok(etag),
-        Err(StoreError::NotFound(_)) => {
-            // The upload vanished (aborted by someone, or expired): start over next time.
+        Err(e @ StoreError::PreconditionFailed(_)) => {
+            // Another client's version stands: these parts go up again under the conflict name.
+            abort(inner, key, &upload_id).await;
             let _ = inner.cache.journal_upload(file, snapshot.generation, None);
+            Err(e.into())
+        }
+        Err(StoreError::NotFound(e)) => {
+            let _ = inner.cache.journal_upload(file, snapshot.generation, None);
+            // With `If-Match`, the object we replace may be gone (deleted by another client).
+            if matches!(condition(inner, &snapshot.base), Condition::IfMatch(_))
+                && matches!(inner.store.head(key).await, Err(StoreError::NotFound(_)))
+            {
+                return Err(StoreError::NotFound(e).into());
+            }
+            // Else the upload vanished (aborted by someone, or expired): start over next time.
             Err(UploadError::Store(StoreError::Transient(format!(
                 "multipart upload {upload_id} of {key} vanished; restarting it"
             ))))
@@ -536,5 +674,27 @@ mod tests {
             assert!(d >= exp / 2 && d <= exp, "{n}: {d:?}");
         }
         assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn conflict_names_are_unique_and_fit_in_255_bytes() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_820_800); // 2025-12-04 04:00
+        let free = |_: &str| false;
+        assert_eq!(
+            conflict_key("owui/a b.pdf", t, free),
+            "owui/a b.pdf.conflict-20251204T040000Z"
+        );
+        assert_eq!(
+            conflict_key("top", t, free),
+            "top.conflict-20251204T040000Z"
+        );
+        let taken = |k: &str| k.ends_with("Z") || k.ends_with("Z-2");
+        assert_eq!(conflict_key("x", t, taken), "x.conflict-20251204T040000Z-3");
+        // A 255-byte name of 2-byte characters is cut at a character boundary.
+        let long = "é".repeat(127) + "e";
+        let key = conflict_key(&format!("d/{long}"), t, free);
+        let name = key.strip_prefix("d/").unwrap();
+        assert!(name.len() <= NAME_MAX, "{}", name.len());
+        assert!(name.ends_with(".conflict-20251204T040000Z"));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
-use super::journal::{FORMAT, Record, UploadRecord};
+use super::journal::{Base, FORMAT, Record, UploadRecord};
 use crate::meta::PosixMeta;
 
 #[derive(Debug)]
@@ -35,6 +35,8 @@ pub(super) struct State {
     pub writers: u32,
     /// ETag of the object this data equals, when clean.
     pub etag: Option<String>,
+    /// The object version the data replaces (the condition of its next upload).
+    pub base: Base,
     /// A journal record exists (the file is dirty and was closed, or is uploading).
     pub journaled: bool,
     /// The generation the journal record describes (a close that changed nothing since the
@@ -73,6 +75,7 @@ pub struct Snapshot {
     pub size: u64,
     pub generation: u64,
     pub meta: PosixMeta,
+    pub base: Base,
 }
 
 impl LocalFile {
@@ -101,6 +104,7 @@ impl LocalFile {
                 open: 0,
                 writers: 0,
                 etag: None,
+                base: Base::Unknown,
                 journaled: false,
                 journaled_generation: 0,
                 indexed: false,
@@ -181,7 +185,18 @@ impl LocalFile {
 
     /// The ETag of the object this (clean) data equals.
     pub fn set_etag(&self, etag: String) {
-        self.state().etag = Some(etag);
+        let mut s = self.state();
+        s.base = Base::Version(etag.clone());
+        s.etag = Some(etag);
+    }
+
+    /// The object version the data replaces (see [`Base`]).
+    pub fn base(&self) -> Base {
+        self.state().base.clone()
+    }
+
+    pub fn set_base(&self, base: Base) {
+        self.state().base = base;
     }
 
     /// The multipart upload the journal holds for this file, if any.
@@ -196,6 +211,7 @@ impl LocalFile {
             size: s.size,
             generation: s.generation,
             meta: s.meta,
+            base: s.base.clone(),
         }
     }
 
@@ -210,6 +226,7 @@ impl LocalFile {
                 size: s.size,
                 generation: s.generation,
                 meta: s.meta,
+                base: s.base.clone(),
             },
             buf,
         ))
@@ -230,6 +247,7 @@ impl LocalFile {
             return false;
         }
         s.clean_generation = snapshot.generation;
+        s.base = Base::Version(etag.clone());
         s.etag = Some(etag);
         s.upload = None;
         s.failures = 0;
@@ -432,6 +450,7 @@ impl LocalFile {
                 .as_nanos(),
             upload: s.upload.clone(),
             meta: s.meta,
+            base: s.base.clone(),
         }
     }
 }

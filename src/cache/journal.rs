@@ -31,6 +31,22 @@ pub struct Record {
     /// Mode, owner and explicit mtime to upload with the data (absent in older records).
     #[serde(default)]
     pub meta: crate::meta::PosixMeta,
+    /// The version of the object this data replaces (absent in older records).
+    #[serde(default)]
+    pub base: Base,
+}
+
+/// The S3 version a file's local data replaces: what a conditional upload checks, so that a
+/// change another client made in between is never overwritten unseen (DESIGN.md §1.5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Base {
+    /// Not known (a rename's target, an older record): upload unconditionally.
+    #[default]
+    Unknown,
+    /// There was no object: create it only if there still is none (`If-None-Match: *`).
+    Absent,
+    /// This version, by ETag: replace it only if it is still the current one (`If-Match`).
+    Version(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +164,7 @@ mod tests {
                 mode: Some(libc::S_IFREG | 0o600),
                 ..Default::default()
             },
+            base: Base::Version("\"e0\"".into()),
         };
         j.write(&r, true).unwrap();
         r.upload = Some(UploadRecord {
@@ -168,5 +185,12 @@ mod tests {
         j.remove(7).unwrap();
         j.remove(7).unwrap();
         assert!(j.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_without_a_base_load_as_unknown() {
+        let old = r#"{"format":1,"key":"k","id":3,"size":1,"mtime_ns":5,"upload":null}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.base, Base::Unknown);
     }
 }

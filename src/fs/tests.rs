@@ -190,3 +190,181 @@ async fn an_evicted_file_is_fetched_not_replaced_by_an_empty_one() {
     let got = memory.get_range("a", 0..1000, None).await.unwrap();
     assert_eq!(got.len(), 81, "the object kept its 80 bytes and gained one");
 }
+
+// ---- lost-update guard (conditional writes) ---------------------------------------------------
+
+/// Every key of `store` under `prefix`, with its bytes.
+async fn objects(store: &MemoryStore, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let page = store
+        .list(ListRequest {
+            prefix,
+            ..ListRequest::default()
+        })
+        .await
+        .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for o in page.objects {
+        let body = store.get_range(&o.key, 0..u64::MAX, None).await.unwrap();
+        out.insert(o.key, body.to_vec());
+    }
+    out
+}
+
+async fn put_external(store: &MemoryStore, key: &str, body: &[u8]) {
+    store
+        .put(
+            key,
+            crate::store::Body::Bytes(Bytes::copy_from_slice(body)),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Open `name` for writing (staging it from S3), let `meanwhile` change the bucket, then write
+/// `mine` at offset 0 and close; returns once everything is uploaded.
+async fn write_after<F: std::future::Future<Output = ()>>(
+    fs: &Filesystem,
+    name: &str,
+    mine: &[u8],
+    meanwhile: F,
+) {
+    let ino = fs.lookup(ROOT_INO, name).await.unwrap().attr.ino;
+    let mode = OpenMode {
+        write: true,
+        ..OpenMode::default()
+    };
+    let fh = fs.open(ino, mode).await.unwrap();
+    meanwhile.await;
+    fs.write(fh, 0, mine).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+}
+
+/// The single conflict copy of `key` among `objects`.
+fn conflict_of<'a>(
+    objects: &'a std::collections::BTreeMap<String, Vec<u8>>,
+    key: &str,
+) -> (&'a String, &'a Vec<u8>) {
+    let copies: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{key}.conflict-")))
+        .collect();
+    assert_eq!(copies.len(), 1, "one conflict copy of {key}: {objects:?}");
+    copies[0]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_changed_in_s3_meanwhile_is_kept_under_a_conflict_name() {
+    let memory = Arc::new(MemoryStore::new());
+    put_external(&memory, "p/x", b"version one").await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), "p/".into(), config(cache.path())).unwrap();
+    write_after(&fs, "x", b"MINE", put_external(&memory, "p/x", b"theirs")).await;
+    let objects = objects(&memory, "p/").await;
+    assert_eq!(objects["p/x"], b"theirs", "their version stands");
+    let (key, body) = conflict_of(&objects, "p/x");
+    assert_eq!(body, b"MINEion one", "the local version is kept whole");
+    assert_eq!(fs.writeback().stats().conflicts, 1);
+    // Both show in the mount.
+    let name = key.strip_prefix("p/").unwrap();
+    assert!(name.len() <= NAME_MAX);
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    let names: Vec<String> = fs
+        .readdir(fh, 0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&"x".to_string()) && names.contains(&name.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_file_never_replaces_one_another_client_created() {
+    let memory = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config(cache.path());
+    cfg.writeback_delay = Duration::from_secs(60); // the other client is quicker
+    let fs = Filesystem::new(memory.clone(), String::new(), cfg).unwrap();
+    write_file(&fs, "n", b"mine").await;
+    put_external(&memory, "n", b"theirs").await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects["n"], b"theirs");
+    assert_eq!(conflict_of(&objects, "n").1, b"mine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multipart_upload_over_a_changed_object_is_kept_under_a_conflict_name() {
+    let memory = Arc::new(MemoryStore::new());
+    let big = body(11 << 20, 9);
+    put_external(&memory, "big", &big).await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), String::new(), config(cache.path())).unwrap();
+    write_after(
+        &fs,
+        "big",
+        b"MINE",
+        put_external(&memory, "big", b"small now"),
+    )
+    .await;
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects["big"], b"small now");
+    let mut expected = big.clone();
+    expected[..4].copy_from_slice(b"MINE");
+    assert!(*conflict_of(&objects, "big").1 == expected);
+    let uploads = memory.list_multipart_uploads("").await.unwrap();
+    assert!(
+        uploads.is_empty(),
+        "the refused upload was aborted: {uploads:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_deleted_in_s3_meanwhile_is_created_anew() {
+    let memory = Arc::new(MemoryStore::new());
+    put_external(&memory, "x", b"version one").await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), String::new(), config(cache.path())).unwrap();
+    write_after(&fs, "x", b"MINE", async {
+        memory.delete("x").await.unwrap();
+    })
+    .await;
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects["x"], b"MINEion one");
+    assert_eq!(fs.writeback().stats().conflicts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn successive_uploads_and_renames_raise_no_false_conflict() {
+    let memory = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), String::new(), config(cache.path())).unwrap();
+    write_file(&fs, "a", b"one").await;
+    assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
+    write_after(&fs, "a", b"two", async {}).await;
+    fs.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default())
+        .await
+        .unwrap();
+    write_after(&fs, "b", b"six", async {}).await;
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects["b"], b"six");
+    assert_eq!(fs.writeback().stats().conflicts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_conditional_writes_the_last_upload_wins() {
+    let memory = Arc::new(MemoryStore::new());
+    put_external(&memory, "x", b"version one").await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config(cache.path());
+    cfg.conditional_writes = false;
+    let fs = Filesystem::new(memory.clone(), String::new(), cfg).unwrap();
+    write_after(&fs, "x", b"MINE", put_external(&memory, "x", b"theirs")).await;
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects["x"], b"MINEion one");
+}

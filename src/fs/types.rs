@@ -36,6 +36,9 @@ pub struct FsConfig {
     pub cache_dir: PathBuf,
     /// The cache's byte budget and back-pressure timeout.
     pub cache_limits: CacheLimits,
+    /// Uploads carry `If-None-Match`/`If-Match` so another client's change is never
+    /// overwritten unseen (off for servers that do not support conditional writes).
+    pub conditional_writes: bool,
 }
 
 impl Default for FsConfig {
@@ -54,6 +57,7 @@ impl Default for FsConfig {
             max_rename_objects: 10_000,
             cache_dir: std::env::temp_dir().join("bucketfs-cache"),
             cache_limits: CacheLimits::default(),
+            conditional_writes: true,
         }
     }
 }
