@@ -16,7 +16,8 @@
 //!
 //! Lock order: the inode table (`inodes`, a std mutex, never held across `.await`), then the
 //! cache index, then a `LocalFile`'s state lock, then the negative-lookup cache; the handle
-//! table is never held together with any of them. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
+//! table is never held together with any of them; the orphans map is taken last, alone or
+//! under the inode table. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
 //! with no std lock held.
 
 use std::collections::{HashMap, HashSet};
@@ -93,6 +94,10 @@ pub struct Filesystem {
     negative: Mutex<lru::LruCache<(Ino, String), Instant>>,
     /// Keys already reported as unusable names (logged once each).
     warned_keys: Mutex<HashSet<String>>,
+    /// The local data of files unlinked (or replaced by a rename) while open, by inode, until
+    /// their last handle closes: what `fstat` and `ftruncate` through those handles see (the
+    /// inode's old path is someone else's now).
+    orphans: Mutex<HashMap<Ino, Arc<LocalFile>>>,
     /// Shown as the mtime of directories (S3 prefixes have none).
     mounted_at: SystemTime,
 }
@@ -115,6 +120,13 @@ fn check_name(name: &str) -> FsResult<()> {
         return Err(FsError::errno(libc::EINVAL));
     }
     Ok(())
+}
+
+/// Whether cached `local` decides what its file is, ahead of S3: it has changes not yet
+/// uploaded, a descriptor is open on it, or it was never known to be in S3. A clean, closed
+/// copy only caches one version of the object: it is shown while it is that version.
+fn local_decides(local: &LocalFile) -> bool {
+    local.is_dirty() || local.open_count() > 0 || local.etag().is_none()
 }
 
 impl Filesystem {
@@ -161,6 +173,7 @@ impl Filesystem {
             next_fh: AtomicU64::new(1),
             negative: Mutex::new(lru::LruCache::new(NEGATIVE_ENTRIES)),
             warned_keys: Mutex::new(HashSet::new()),
+            orphans: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
         })
     }
@@ -210,21 +223,48 @@ impl Filesystem {
         }
     }
 
-    /// The key of file inode `ino` and its local data, if any.
+    fn orphans(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Arc<LocalFile>>> {
+        self.orphans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The key of file inode `ino` and its local data, if any (an unlinked open file's own).
     fn file_key(&self, table: &InodeTable, ino: Ino) -> FsResult<(String, Option<Arc<LocalFile>>)> {
+        if let Some(orphan) = self.orphans().get(&ino) {
+            // Its parent directory may be gone from the table: no path to walk.
+            return Ok((orphan.key(), Some(orphan.clone())));
+        }
         let key = self.key(&Self::path_of(table, ino)?, FileKind::File);
         let local = self.cache.get(&key);
         Ok((key, local))
     }
 
-    /// What `stat` shows: local data's size, mtime and attributes first, else the object's;
-    /// what the object does not store, the mount's defaults (and LastModified as mtime).
+    /// Drop the clean, closed cached copy of `key` unless it is the version S3 has now (`None`:
+    /// the object is gone): another client replaced or deleted the object.
+    fn drop_stale_copy(&self, key: &str, current: Option<&str>) {
+        if let Some(local) = self.cache.get(key)
+            && !local_decides(&local)
+            && local.etag().as_deref() != current
+        {
+            self.cache.evict_key(key);
+        }
+    }
+
+    /// What `stat` shows: local data's size, mtime and attributes first (a clean copy only
+    /// while it is the object's version), else the object's; what the object does not store,
+    /// the mount's defaults (and LastModified as mtime).
     fn attr_of(&self, table: &InodeTable, ino: Ino) -> FsResult<Attr> {
         let node = table.get(ino).ok_or_else(FsError::not_found)?;
         let stored = node.meta.unwrap_or_default();
         let (size, mtime, meta) = match node.kind {
             FileKind::File | FileKind::Symlink => {
-                match (self.file_key(table, ino)?.1, &node.remote) {
+                let local = self.file_key(table, ino)?.1.filter(|l| {
+                    local_decides(l)
+                        || node
+                            .remote
+                            .as_ref()
+                            .is_none_or(|r| l.etag().as_deref() == Some(r.etag.as_str()))
+                });
+                match (local, &node.remote) {
                     (Some(local), _) => (local.size(), local.mtime(), local.meta()),
                     (None, Some(r)) => (r.size, stored.mtime.unwrap_or(r.mtime), stored),
                     (None, None) => (0, self.mounted_at, stored),
@@ -281,7 +321,8 @@ impl Filesystem {
             }
             let parent_path = Self::path_of(&table, parent)?;
             let path = Self::child_path(&parent_path, name);
-            if self.cache.get(&self.key(&path, FileKind::File)).is_some() {
+            let local = self.cache.get(&self.key(&path, FileKind::File));
+            if local.as_ref().is_some_and(|l| local_decides(l)) {
                 let ino = table.upsert_child(parent, name, FileKind::File);
                 return Ok(ino);
             }
@@ -290,17 +331,21 @@ impl Filesystem {
             {
                 return Ok(ino);
             }
-            if self
-                .negative()
-                .get(&(parent, name.to_string()))
-                .is_some_and(|t| self.is_fresh(Some(*t)))
+            // A clean cached copy means the object existed after the remembered misses and
+            // listing were taken (a conflict copy the uploader created, say): ask S3.
+            if local.is_none()
+                && self
+                    .negative()
+                    .get(&(parent, name.to_string()))
+                    .is_some_and(|t| self.is_fresh(Some(*t)))
             {
                 return Err(FsError::not_found());
             }
-            let listed_absent = table
-                .get(parent)
-                .and_then(|p| p.listing.as_ref())
-                .is_some_and(|(at, names)| self.is_fresh(Some(*at)) && !names.contains(name));
+            let listed_absent = local.is_none()
+                && table
+                    .get(parent)
+                    .and_then(|p| p.listing.as_ref())
+                    .is_some_and(|(at, names)| self.is_fresh(Some(*at)) && !names.contains(name));
             if listed_absent {
                 self.negative()
                     .put((parent, name.to_string()), Instant::now());
@@ -355,12 +400,14 @@ impl Filesystem {
                 if let Some(node) = table.get_mut(ino) {
                     node.set_head(&meta);
                 }
+                self.drop_stale_copy(&file_key, Some(&meta.etag));
                 return Ok(ino);
             }
-            if self.cache.get(&file_key).is_some() {
+            if self.cache.get(&file_key).is_some_and(|l| local_decides(&l)) {
                 // Created locally while we were asking S3.
                 return Ok(table.upsert_child(parent, name, FileKind::File));
             }
+            self.drop_stale_copy(&file_key, None);
             if table.child(parent, name).is_some() {
                 table.detach(parent, name);
             }
@@ -506,8 +553,8 @@ impl Filesystem {
                 return self.attr_of(&table, ino);
             }
             match self.file_key(&table, ino)? {
-                (_, Some(_)) => return self.attr_of(&table, ino),
-                (key, None) => key,
+                (_, Some(local)) if local_decides(&local) => return self.attr_of(&table, ino),
+                (key, _) => key,
             }
         };
         match self.store.head(&key).await {
@@ -515,10 +562,11 @@ impl Filesystem {
                 if let Some(node) = self.table().get_mut(ino) {
                     node.set_head(&meta);
                 }
+                self.drop_stale_copy(&key, Some(&meta.etag));
             }
             // Deleted behind our back: keep showing what we knew until the next lookup fails;
             // an open handle still reads its pinned version or gets ESTALE.
-            Err(StoreError::NotFound(_)) => {}
+            Err(StoreError::NotFound(_)) => self.drop_stale_copy(&key, None),
             Err(e) => return Err(e.into()),
         }
         self.attr_of(&self.table(), ino)
@@ -533,7 +581,7 @@ impl Filesystem {
             self.writable()?;
         }
         if let Some(size) = change.size {
-            self.truncate(ino, size).await?;
+            self.truncate(ino, size, change.fh).await?;
         }
         if meta_change {
             self.store_meta(ino, &change).await?;
@@ -624,13 +672,18 @@ impl Filesystem {
         Ok(())
     }
 
-    async fn truncate(&self, ino: Ino, size: u64) -> FsResult<()> {
+    /// `truncate(2)`, or `ftruncate(2)` through handle `fh`: that handle's data, even when
+    /// its name has been unlinked or replaced since (the inode's old path is someone else's).
+    async fn truncate(&self, ino: Ino, size: u64, fh: Option<u64>) -> FsResult<()> {
         match self.table().get(ino).map(|n| n.kind) {
             None => return Err(FsError::not_found()),
             Some(FileKind::Directory) => return Err(FsError::errno(libc::EISDIR)),
             Some(FileKind::File | FileKind::Symlink) => {}
         }
-        let file = self.stage(ino, size == 0).await?;
+        let file = match fh.map(|fh| self.handle_file(fh)).transpose()?.flatten() {
+            Some(file) => file,
+            None => self.stage(ino, size == 0).await?,
+        };
         let growth = size.saturating_sub(file.size());
         self.cache.reserve(growth).await?;
         self.cache.set_len(&file, size)?;
@@ -754,8 +807,11 @@ impl Filesystem {
                 push(&mut entries, child, FileKind::File, name);
             }
             // Files written here and not yet in S3 (or not yet in its listing).
-            for name in local.keys() {
-                if !listed.contains(name) && !dir_names.contains(name.as_str()) {
+            for (name, file) in &local {
+                if !listed.contains(name)
+                    && !dir_names.contains(name.as_str())
+                    && local_decides(file)
+                {
                     let child = table.upsert_child(ino, name, FileKind::File);
                     push(&mut entries, child, FileKind::File, name.clone());
                 }
@@ -808,7 +864,8 @@ impl Filesystem {
         self.handle_table().remove(&fh);
     }
 
-    pub async fn mkdir(&self, parent: Ino, name: &str) -> FsResult<Entry> {
+    /// A directory marker `name/`, carrying `mode` when it is not the mount's default.
+    pub async fn mkdir(&self, parent: Ino, name: &str, mode: u32) -> FsResult<Entry> {
         self.writable()?;
         match self.resolve(parent, name).await {
             Ok(_) => return Err(FsError::errno(libc::EEXIST)),
@@ -817,22 +874,26 @@ impl Filesystem {
         }
         let path = Self::child_path(&Self::path_of(&self.table(), parent)?, name);
         let marker = self.key(&path, FileKind::Directory);
+        let mut meta = PosixMeta::default();
+        if (mode & 0o7777) as u16 != self.config.dir_mode {
+            meta.set_perm(mode, libc::S_IFDIR);
+        }
+        let options = PutOptions {
+            metadata: meta.to_metadata(),
+            ..PutOptions::default()
+        };
         self.store
-            .put(
-                &marker,
-                crate::store::Body::Bytes(Bytes::new()),
-                &PutOptions::default(),
-            )
+            .put(&marker, crate::store::Body::Bytes(Bytes::new()), &options)
             .await?;
         self.exists_now(parent, name);
         let mut table = self.table();
         let ino = table.upsert_child(parent, name, FileKind::Directory);
-        let entry = self.entry(&table, ino)?;
         if let Some(node) = table.get_mut(ino) {
             node.lookups += 1;
             node.validated = Some(Instant::now());
+            node.meta = Some(meta);
         }
-        Ok(entry)
+        self.entry(&table, ino)
     }
 
     /// A symbolic link, stored as s3fs does: an object whose body is the target and whose
@@ -911,7 +972,12 @@ impl Filesystem {
             }
             self.key(&Self::path_of(&table, ino)?, FileKind::Directory)
         };
-        if !self.cache.children(&prefix).is_empty() {
+        if self
+            .cache
+            .children(&prefix)
+            .iter()
+            .any(|(_, l)| local_decides(l))
+        {
             return Err(FsError::errno(libc::ENOTEMPTY));
         }
         let page = self
@@ -1250,6 +1316,9 @@ impl Filesystem {
         let mut table = self.table();
         if let Some(node) = table.get_mut(ino) {
             node.open_handles = node.open_handles.saturating_sub(1);
+            if node.open_handles == 0 {
+                self.orphans().remove(&ino);
+            }
         }
         table.collect(ino);
         Ok(())
@@ -1274,13 +1343,19 @@ impl Filesystem {
         };
         // Open handles keep their data; no upload will re-create the object. An upload already
         // running finishes first, so the delete below is the last word.
-        if let Some(file) = self.cache.remove(&key) {
+        let local = self.cache.remove(&key);
+        if let Some(file) = &local {
             let _after_upload = file.upload_lock.lock().await;
         }
         self.store.delete(&key).await?;
         let mut table = self.table();
         if table.child(parent, name) == Some(ino) {
             table.detach(parent, name);
+        }
+        if let Some(file) = local
+            && table.get(ino).is_some_and(|n| n.open_handles > 0)
+        {
+            self.orphans().insert(ino, file);
         }
         Ok(())
     }
@@ -1358,7 +1433,7 @@ impl Filesystem {
         // file's upload can start, so it can never land over it.
         // The data replaces whatever is at the new name (rename's meaning): no version check.
         let replaced = self.cache.rekey(&old_key, &new_key, Base::Unknown)?;
-        if let Some(replaced) = replaced {
+        if let Some(replaced) = &replaced {
             let _after_its_upload = replaced.upload_lock.lock().await;
         }
         if let Some(local) = &local {
@@ -1375,6 +1450,11 @@ impl Filesystem {
         {
             let mut table = self.table();
             table.rename(ino, new_parent, new_name);
+            if let (Some(target), Some(file)) = (target, replaced)
+                && table.get(target).is_some_and(|n| n.open_handles > 0)
+            {
+                self.orphans().insert(target, file);
+            }
             if let Some(node) = table.get_mut(ino) {
                 if let (Some(etag), Some(remote)) = (copied_etag, &mut node.remote) {
                     remote.etag = etag;
@@ -1417,7 +1497,9 @@ impl Filesystem {
                     max_keys: Some(2),
                 })
                 .await?;
-            if page.objects.iter().any(|o| o.key != to) || !self.cache.under(to).is_empty() {
+            if page.objects.iter().any(|o| o.key != to)
+                || self.cache.under(to).iter().any(|(_, l)| local_decides(l))
+            {
                 return Err(FsError::errno(libc::ENOTEMPTY));
             }
         }
@@ -1455,6 +1537,12 @@ impl Filesystem {
         // copied in S3 like the rest, and its cached data re-keyed.
         let mut moved = HashSet::new();
         for (key, local) in self.cache.under(from) {
+            if !local_decides(&local) {
+                // A clean copy may be of a version another client replaced: the object is
+                // copied with the others (from the listing), the copy dropped.
+                self.cache.evict_key(&key);
+                continue;
+            }
             let _no_upload = local.upload_lock.lock().await;
             let new_key = renamed(&key);
             if !local.is_dirty() {

@@ -225,14 +225,14 @@ impl fuser::Filesystem for FuseAdapter {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let name = utf8(name);
         self.spawn(
             span!("mkdir", req, ino = parent.0),
-            |fs| async move { fs.mkdir(parent.0, &name?).await },
+            |fs| async move { fs.mkdir(parent.0, &name?, mode & !umask).await },
             move |r| match r {
                 Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
                 Err(e) => reply.error(errno(e)),

@@ -212,6 +212,8 @@ impl InodeTable {
             node.name = new_name.to_string();
         }
         self.link(new_parent, new_name, ino);
+        // After the detach above: the new name exists (a remembered listing must say so).
+        self.note_listing(new_parent, new_name, true);
     }
 
     /// Make every inode under `dir` ask S3 again at its next stat (its objects were moved).
@@ -296,6 +298,20 @@ mod tests {
         assert_eq!(t.path(b).unwrap(), "c/d");
         assert_eq!(t.child(a, "b"), None);
         assert_eq!(t.child(c, "d"), Some(b));
+    }
+
+    #[test]
+    fn a_renamed_entry_is_in_its_new_parents_listing() {
+        let mut t = InodeTable::new();
+        let d = t.upsert_child(ROOT_INO, "d", FileKind::Directory);
+        let old = t.upsert_child(ROOT_INO, "e", FileKind::Directory);
+        t.get_mut(ROOT_INO).unwrap().listing =
+            Some((Instant::now(), ["d".to_string(), "e".to_string()].into()));
+        t.rename(d, ROOT_INO, "e");
+        let names = &t.get(ROOT_INO).unwrap().listing.as_ref().unwrap().1;
+        assert!(names.contains("e") && !names.contains("d"), "{names:?}");
+        assert_eq!(t.child(ROOT_INO, "e"), Some(d));
+        assert!(t.get(old).is_none(), "the replaced inode is gone");
     }
 
     #[test]

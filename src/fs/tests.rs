@@ -267,9 +267,11 @@ async fn a_file_changed_in_s3_meanwhile_is_kept_under_a_conflict_name() {
     let (key, body) = conflict_of(&objects, "p/x");
     assert_eq!(body, b"MINEion one", "the local version is kept whole");
     assert_eq!(fs.writeback().stats().conflicts, 1);
-    // Both show in the mount.
+    // Both show in the mount, by name and in listings.
     let name = key.strip_prefix("p/").unwrap();
     assert!(name.len() <= NAME_MAX);
+    let entry = fs.lookup(ROOT_INO, name).await.unwrap();
+    assert_eq!(entry.attr.size, 11);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
     let names: Vec<String> = fs
         .readdir(fh, 0)
@@ -367,4 +369,31 @@ async fn without_conditional_writes_the_last_upload_wins() {
     let objects = objects(&memory, "").await;
     assert_eq!(objects.len(), 1, "{objects:?}");
     assert_eq!(objects["x"], b"MINEion one");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_found_by_fsync_is_visible_by_name() {
+    let memory = Arc::new(MemoryStore::new());
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(memory.clone(), "c/".into(), config(cache.path())).unwrap();
+    write_file(&fs, "y", b"version one").await;
+    assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
+    let ino = fs.lookup(ROOT_INO, "y").await.unwrap().attr.ino;
+    let mode = OpenMode {
+        write: true,
+        append: true,
+        ..OpenMode::default()
+    };
+    let fh = fs.open(ino, mode).await.unwrap();
+    put_external(&memory, "c/y", b"theirs").await;
+    fs.write(fh, 0, b" + mine").await.unwrap();
+    fs.fsync(fh).await.unwrap();
+    let objects = objects(&memory, "c/").await;
+    let (key, _) = conflict_of(&objects, "c/y");
+    let name = key.strip_prefix("c/").unwrap().to_string();
+    fs.lookup(ROOT_INO, &name).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let entry = fs.lookup(ROOT_INO, &name).await.unwrap();
+    assert_eq!(entry.attr.size, 18);
 }
