@@ -105,6 +105,8 @@ macro_rules! both_servers {
 
 #[path = "mount/posix.rs"]
 mod posix;
+#[path = "mount/semantics.rs"]
+mod semantics;
 
 both_servers!(
     files_round_trip_as_objects_under_the_prefix,
