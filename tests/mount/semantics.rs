@@ -67,7 +67,11 @@ async fn an_unlinked_open_file_keeps_its_data_until_the_last_close(server: Serve
     got.clear();
     f.read_to_string(&mut got).unwrap();
     assert_eq!(got, "still here, and more");
-    assert_eq!(f.metadata().unwrap().len(), 20, "fstat of the unlinked file");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        20,
+        "fstat of the unlinked file"
+    );
     drop(f);
     assert!(m.stop().success());
     let keys = list_keys(&client, &bucket, "u/").await;
@@ -241,4 +245,55 @@ async fn other_clients_changes_show_within_the_metadata_ttl(server: Server) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Keys that cannot be file names are skipped (and logged once each) instead of crashing or
+/// hiding the rest of the directory; a key that is both an object and a prefix shows as the
+/// directory. LocalStack only: SeaweedFS cannot store such keys (it folds `a//b` into `a/b` and
+/// refuses an object where a prefix is).
+#[tokio::test(flavor = "multi_thread")]
+async fn localstack_keys_that_cannot_be_names_are_skipped_and_logged() {
+    let server = Server::LocalStack;
+    let bucket = s3::fresh_bucket(server).await;
+    let client = sdk_client(server).await;
+    let long = "l".repeat(256);
+    for key in [
+        "k/fine.txt".to_string(),
+        "k/both".to_string(),
+        "k/both/inner.txt".to_string(),
+        "k/empty//segment".to_string(),
+        "k/./dot".to_string(),
+        "k/../dotdot".to_string(),
+        format!("k/{long}"),
+    ] {
+        put_object(&client, &bucket, &key, key.as_bytes()).await;
+    }
+    let m = Mount::s3(server, &bucket, "k", &[]);
+    let mut names: Vec<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["both", "empty", "fine.txt"]);
+    assert!(std::fs::metadata(m.join("both")).unwrap().is_dir());
+    assert_eq!(
+        std::fs::read(m.join("both/inner.txt")).unwrap(),
+        b"k/both/inner.txt"
+    );
+    let inside: Vec<_> = std::fs::read_dir(m.join("empty")).unwrap().collect();
+    assert!(
+        inside.is_empty(),
+        "the empty segment is skipped: {inside:?}"
+    );
+    // Listed twice, logged once per key.
+    let _ = std::fs::read_dir(m.path()).unwrap().count();
+    let log = m.log_text();
+    for key in ["k/both", "k/empty//", "k/./", "k/../"] {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains(&format!("key=\"{key}\"")))
+            .count();
+        assert_eq!(lines, 1, "{key} logged {lines} times:\n{log}");
+    }
+    assert!(log.contains(&format!("key=\"k/{long}\"")), "{log}");
 }
