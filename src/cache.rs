@@ -30,10 +30,12 @@ use std::time::{Duration, SystemTime};
 
 mod file;
 pub mod journal;
+mod ranges;
 
 pub use file::{LocalFile, Snapshot};
 pub use journal::Base;
 use journal::{Journal, UploadRecord};
+pub use ranges::RangeSet;
 
 /// Limits of the cache.
 #[derive(Debug, Clone)]
@@ -54,6 +56,27 @@ impl Default for CacheLimits {
             min_free_bytes: 256 << 20,
         }
     }
+}
+
+/// Missing ranges of a sparse file are fetched in GETs of at most this size, and a read is
+/// widened to whole aligned pieces of it ([`fill_span`]): a sequential read through the file
+/// runs near the server's streaming speed, while a random 4 KiB read or write costs one such
+/// GET, not the whole object.
+pub const FILL_CHUNK: u64 = 8 << 20;
+
+/// `range` widened to whole `FILL_CHUNK` pieces (what a read fetches).
+pub fn fill_span(range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    let start = range.start / FILL_CHUNK * FILL_CHUNK;
+    start..range.end.div_ceil(FILL_CHUNK).saturating_mul(FILL_CHUNK)
+}
+
+/// Why the missing bytes of a sparse file could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("local cache: {0}")]
+    Io(#[from] io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +190,7 @@ impl Cache {
                 s.upload = r.upload.clone();
                 s.meta = r.meta;
                 s.base = r.base.clone();
+                s.missing = RangeSet::from_pairs(&r.missing);
             }
             index.next_id = index.next_id.max(r.id + 1);
             if let Some(old) = index.by_key.insert(r.key.clone(), local.clone()) {
@@ -451,6 +475,50 @@ impl Cache {
         file.changed.notify_waiters();
         self.space.notify_waiters();
         Ok(true)
+    }
+
+    /// Fetch the bytes of `range` that sparse `file` lacks from its base version (pinned by
+    /// ETag: a base another client replaced fails with `PreconditionFailed`), one GET per
+    /// aligned `FILL_CHUNK` piece, each reserved against the budget first.
+    pub async fn fill(
+        &self,
+        store: &dyn crate::store::ObjectStore,
+        file: &LocalFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<(), FillError> {
+        if file.missing_in(range.clone()).is_empty() {
+            return Ok(());
+        }
+        let Base::Version(etag) = file.base() else {
+            return Err(io::Error::other(format!(
+                "{}: part of the data is in no known object version",
+                file.key()
+            ))
+            .into());
+        };
+        let key = file.key();
+        let mut at = range.start / FILL_CHUNK * FILL_CHUNK;
+        while at < range.end {
+            // The span of this piece's missing bytes: they all lie within the base object
+            // (missing ranges only ever shrink), so no GET asks for bytes past its end.
+            let missing = file.missing_in(at.max(range.start)..(at + FILL_CHUNK).min(range.end));
+            at += FILL_CHUNK;
+            let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
+                continue;
+            };
+            let span = first.start..last.end;
+            self.reserve(span.end - span.start).await?;
+            let data = store.get_range(&key, span.clone(), Some(&etag)).await?;
+            if (data.len() as u64) < span.end - span.start {
+                return Err(io::Error::other(format!(
+                    "{key}: short read of {span:?} ({} bytes)",
+                    data.len()
+                ))
+                .into());
+            }
+            file.fill_missing(span.start, &data)?;
+        }
+        Ok(())
     }
 
     // ---- budget -----------------------------------------------------------------------------

@@ -82,6 +82,15 @@ impl From<StoreError> for FsError {
     }
 }
 
+impl From<crate::cache::FillError> for FsError {
+    fn from(e: crate::cache::FillError) -> Self {
+        match e {
+            crate::cache::FillError::Store(e) => e.into(),
+            crate::cache::FillError::Io(e) => e.into(),
+        }
+    }
+}
+
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
         let errno = e.raw_os_error().unwrap_or(libc::EIO);

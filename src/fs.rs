@@ -59,8 +59,11 @@ const META_FETCH_CONCURRENCY: usize = 32;
 /// Copies (and deletes) in flight during a directory rename.
 const RENAME_CONCURRENCY: usize = 16;
 
-/// Objects fetched into the cache for a write-open are downloaded in pieces of this size.
-const DOWNLOAD_CHUNK: u64 = 8 << 20;
+/// Objects at least this big are staged sparse for writing: only the ranges read or
+/// partially overwritten are fetched, and unchanged parts are copied server-side at upload.
+/// Smaller ones are fetched whole at open (well under a second here), which keeps every
+/// byte of the file local: a conflict copy (see `crate::writeback`) is then always complete.
+const SPARSE_STAGING_MIN: u64 = 32 << 20;
 
 /// An open file or directory.
 enum Handle {
@@ -127,6 +130,12 @@ fn check_name(name: &str) -> FsResult<()> {
 /// copy only caches one version of the object: it is shown while it is that version.
 fn local_decides(local: &LocalFile) -> bool {
     local.is_dirty() || local.open_count() > 0 || local.etag().is_none()
+}
+
+/// A clean, closed cached copy as it was before asking S3 about its object.
+struct CleanCopy {
+    file: Arc<LocalFile>,
+    etag: Option<String>,
 }
 
 impl Filesystem {
@@ -238,33 +247,41 @@ impl Filesystem {
         Ok((key, local))
     }
 
-    /// Drop the clean, closed cached copy of `key` unless it is the version S3 has now (`None`:
-    /// the object is gone): another client replaced or deleted the object.
-    fn drop_stale_copy(&self, key: &str, current: Option<&str>) {
-        if let Some(local) = self.cache.get(key)
-            && !local_decides(&local)
-            && local.etag().as_deref() != current
+    /// `local`, if it is only a clean copy (which S3 must confirm, see `drop_if_stale`).
+    fn clean_copy(local: Option<Arc<LocalFile>>) -> Option<CleanCopy> {
+        let file = local.filter(|l| !local_decides(l))?;
+        Some(CleanCopy {
+            etag: file.etag(),
+            file,
+        })
+    }
+
+    /// Drop the clean copy of `key` taken before a request to S3 if S3 answered another
+    /// version (`current`; `None`: the object is gone), meaning another client replaced or
+    /// deleted it, and the copy is unchanged since (an upload of ours that ended meanwhile is
+    /// newer than the answer).
+    fn drop_if_stale(&self, key: &str, copy: Option<CleanCopy>, current: Option<&str>) {
+        if let Some(copy) = copy
+            && copy.etag.as_deref() != current
+            && copy.file.etag() == copy.etag
+            && !local_decides(&copy.file)
+            && self
+                .cache
+                .get(key)
+                .is_some_and(|l| Arc::ptr_eq(&l, &copy.file))
         {
             self.cache.evict_key(key);
         }
     }
 
-    /// What `stat` shows: local data's size, mtime and attributes first (a clean copy only
-    /// while it is the object's version), else the object's; what the object does not store,
-    /// the mount's defaults (and LastModified as mtime).
+    /// What `stat` shows: local data's size, mtime and attributes first, else the object's;
+    /// what the object does not store, the mount's defaults (and LastModified as mtime).
     fn attr_of(&self, table: &InodeTable, ino: Ino) -> FsResult<Attr> {
         let node = table.get(ino).ok_or_else(FsError::not_found)?;
         let stored = node.meta.unwrap_or_default();
         let (size, mtime, meta) = match node.kind {
             FileKind::File | FileKind::Symlink => {
-                let local = self.file_key(table, ino)?.1.filter(|l| {
-                    local_decides(l)
-                        || node
-                            .remote
-                            .as_ref()
-                            .is_none_or(|r| l.etag().as_deref() == Some(r.etag.as_str()))
-                });
-                match (local, &node.remote) {
+                match (self.file_key(table, ino)?.1, &node.remote) {
                     (Some(local), _) => (local.size(), local.mtime(), local.meta()),
                     (None, Some(r)) => (r.size, stored.mtime.unwrap_or(r.mtime), stored),
                     (None, None) => (0, self.mounted_at, stored),
@@ -356,6 +373,7 @@ impl Filesystem {
         let path = Self::child_path(&parent_path, name);
         let file_key = self.key(&path, FileKind::File);
         let dir_key = self.key(&path, FileKind::Directory);
+        let copy = Self::clean_copy(self.cache.get(&file_key));
         let listing = ListRequest {
             prefix: &dir_key,
             delimiter: Some("/"),
@@ -400,14 +418,14 @@ impl Filesystem {
                 if let Some(node) = table.get_mut(ino) {
                     node.set_head(&meta);
                 }
-                self.drop_stale_copy(&file_key, Some(&meta.etag));
+                self.drop_if_stale(&file_key, copy, Some(&meta.etag));
                 return Ok(ino);
             }
             if self.cache.get(&file_key).is_some_and(|l| local_decides(&l)) {
                 // Created locally while we were asking S3.
                 return Ok(table.upsert_child(parent, name, FileKind::File));
             }
-            self.drop_stale_copy(&file_key, None);
+            self.drop_if_stale(&file_key, copy, None);
             if table.child(parent, name).is_some() {
                 table.detach(parent, name);
             }
@@ -546,7 +564,7 @@ impl Filesystem {
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        let key = {
+        let (key, copy) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if node.kind == FileKind::Directory || self.answers_locally(node) {
@@ -554,7 +572,7 @@ impl Filesystem {
             }
             match self.file_key(&table, ino)? {
                 (_, Some(local)) if local_decides(&local) => return self.attr_of(&table, ino),
-                (key, _) => key,
+                (key, local) => (key, Self::clean_copy(local)),
             }
         };
         match self.store.head(&key).await {
@@ -562,11 +580,11 @@ impl Filesystem {
                 if let Some(node) = self.table().get_mut(ino) {
                     node.set_head(&meta);
                 }
-                self.drop_stale_copy(&key, Some(&meta.etag));
+                self.drop_if_stale(&key, copy, Some(&meta.etag));
             }
             // Deleted behind our back: keep showing what we knew until the next lookup fails;
             // an open handle still reads its pinned version or gets ESTALE.
-            Err(StoreError::NotFound(_)) => self.drop_stale_copy(&key, None),
+            Err(StoreError::NotFound(_)) => self.drop_if_stale(&key, copy, None),
             Err(e) => return Err(e.into()),
         }
         self.attr_of(&self.table(), ino)
@@ -720,6 +738,15 @@ impl Filesystem {
             (Self::path_of(&table, ino)?, node.parent)
         };
         let prefix = self.key(&path, FileKind::Directory);
+        // Names cached before the listing only as clean copies: if the listing lacks one,
+        // another client deleted it.
+        let clean_copies: HashSet<String> = self
+            .cache
+            .children(&prefix)
+            .into_iter()
+            .filter(|(_, l)| !local_decides(l))
+            .map(|(name, _)| name)
+            .collect();
         let mut dirs: Vec<String> = Vec::new();
         let mut files: Vec<crate::store::ObjectMeta> = Vec::new();
         let mut continuation = None;
@@ -810,7 +837,7 @@ impl Filesystem {
             for (name, file) in &local {
                 if !listed.contains(name)
                     && !dir_names.contains(name.as_str())
-                    && local_decides(file)
+                    && (local_decides(file) || !clean_copies.contains(name))
                 {
                     let child = table.upsert_child(ino, name, FileKind::File);
                     push(&mut entries, child, FileKind::File, name.clone());
@@ -1145,8 +1172,10 @@ impl Filesystem {
         Ok(None)
     }
 
-    /// Give file `ino` local data: empty when `empty`, else a copy of its object (pinned to the
-    /// ETag we know). If another task staged it meanwhile, that copy wins.
+    /// Give file `ino` local data: empty when `empty`, else its object's bytes (pinned to the
+    /// ETag we know): fetched at once, or, for a large object on a server with conditional
+    /// writes, as a sparse file filled on demand. If another task staged it meanwhile, that
+    /// copy wins.
     async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<LocalFile>> {
         let (key, remote, meta) = {
             let table = self.table();
@@ -1173,26 +1202,17 @@ impl Filesystem {
         let local = self.cache.create_detached(&key)?;
         match (&remote, empty) {
             (Some(remote), false) => {
-                self.cache.reserve(remote.size).await?;
-                let mut offset = 0;
-                while offset < remote.size {
-                    let end = (offset + DOWNLOAD_CHUNK).min(remote.size);
-                    let data = self
-                        .store
-                        .get_range(&key, offset..end, Some(&remote.etag))
-                        .await?;
-                    if data.len() as u64 != end - offset {
-                        return Err(FsError::with_message(
-                            libc::EIO,
-                            format!("short read of {key}"),
-                        ));
-                    }
-                    local.fill_at(offset, &data)?;
-                    offset = end;
-                }
+                local.make_sparse(remote.size)?;
                 local.set_mtime(remote.mtime);
                 local.set_clean_meta(meta);
                 local.set_etag(remote.etag.clone());
+                // Server-side part copies are only safe where the upload's If-Match catches
+                // a base replaced meanwhile.
+                if remote.size < SPARSE_STAGING_MIN || !self.config.conditional_writes {
+                    self.cache
+                        .fill(self.store.as_ref(), &local, 0..remote.size)
+                        .await?;
+                }
             }
             // Truncated, or known to the table but not in S3: a new (possibly empty) object,
             // keeping the old one's mode and owner.
@@ -1224,9 +1244,14 @@ impl Filesystem {
                 _ => return Err(FsError::errno(libc::EBADF)),
             }
         };
-        match handle {
-            Ok(file) => Ok(Bytes::from(file.read_at(offset, size)?)),
-            Err(reader) => Ok(reader.lock().await.read(&self.store, offset, size).await?),
+        match (handle, self.handle_data(fh)?) {
+            (Ok(file), _) | (Err(_), Some(file)) => {
+                let end = offset.saturating_add(size as u64);
+                let span = crate::cache::fill_span(offset..end);
+                self.cache.fill(self.store.as_ref(), &file, span).await?;
+                Ok(Bytes::from(file.read_at(offset, size)?))
+            }
+            (Err(reader), None) => Ok(reader.lock().await.read(&self.store, offset, size).await?),
         }
     }
 
@@ -1250,6 +1275,19 @@ impl Filesystem {
         }
         self.cache.write(&file, offset, data, append)?;
         Ok(data.len() as u32)
+    }
+
+    /// The local data handle `fh` works on: its own, or, for a handle reading from S3, the data
+    /// its file has been given since through another handle (the mount's own changes are seen
+    /// through every descriptor).
+    fn handle_data(&self, fh: u64) -> FsResult<Option<Arc<LocalFile>>> {
+        let ino = match self.handle_table().get(&fh) {
+            Some(Handle::Local { file, .. }) => return Ok(Some(file.clone())),
+            Some(Handle::Remote { ino, .. }) => *ino,
+            _ => return Err(FsError::errno(libc::EBADF)),
+        };
+        let local = self.file_key(&self.table(), ino).ok().and_then(|(_, l)| l);
+        Ok(local.filter(|l| local_decides(l)))
     }
 
     fn handle_file(&self, fh: u64) -> FsResult<Option<Arc<LocalFile>>> {
@@ -1279,7 +1317,7 @@ impl Filesystem {
 
     /// `fsync`: returns once the file's current contents are an object in S3.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        let Some(file) = self.handle_file(fh)? else {
+        let Some(file) = self.handle_data(fh)? else {
             return Ok(());
         };
         if !file.is_dirty() {
@@ -1421,6 +1459,12 @@ impl Filesystem {
             None => None,
         };
         let dirty = local.as_ref().is_some_and(|l| l.is_dirty());
+        if let Some(local) = local.as_ref().filter(|_| dirty) {
+            // Its unfetched bytes are the old key's object, which the rename deletes.
+            self.cache
+                .fill(self.store.as_ref(), local, 0..local.size())
+                .await?;
+        }
         // Clean: copy first (if it fails, nothing has changed). The copy is a new object with
         // an ETag of its own (a copied multipart object gets a single-part ETag).
         let copied_etag = if !dirty && (has_remote || local.is_some()) {
@@ -1536,17 +1580,31 @@ impl Filesystem {
         // it moves): a dirty one is re-keyed and uploads under the new name; a clean one is
         // copied in S3 like the rest, and its cached data re-keyed.
         let mut moved = HashSet::new();
+        let listed: HashSet<&str> = objects.iter().map(String::as_str).collect();
         for (key, local) in self.cache.under(from) {
-            if !local_decides(&local) {
-                // A clean copy may be of a version another client replaced: the object is
-                // copied with the others (from the listing), the copy dropped.
+            let _no_upload = local.upload_lock.lock().await;
+            if !local_decides(&local) && listed.contains(key.as_str()) {
+                // A clean copy of a listed object, which is copied with the others: the copy
+                // may be of a version another client has replaced since, and is dropped.
                 self.cache.evict_key(&key);
                 continue;
             }
-            let _no_upload = local.upload_lock.lock().await;
             let new_key = renamed(&key);
-            if !local.is_dirty() {
-                let etag = self.store.copy(&key, &new_key, None).await?;
+            if local.is_dirty() {
+                // Its unfetched bytes are the old key's object, which the rename deletes.
+                self.cache
+                    .fill(self.store.as_ref(), &local, 0..local.size())
+                    .await?;
+            } else {
+                let etag = match self.store.copy(&key, &new_key, None).await {
+                    Ok(etag) => etag,
+                    Err(StoreError::NotFound(_)) if !local_decides(&local) => {
+                        // Another client deleted the object: the copy goes with it.
+                        self.cache.evict_key(&key);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 local.set_etag(etag);
             }
             self.cache.rekey(&key, &new_key, Base::Unknown)?;
@@ -1590,7 +1648,10 @@ impl Filesystem {
             table.rename(ino, new_parent, new_name);
             table.invalidate_subtree(ino);
         }
-        let deletes: Vec<Result<(), StoreError>> = futures::stream::iter(objects)
+        // A local file's old key may hold an object the listing lacks: uploaded by the upload
+        // that ended while the rename waited for it.
+        let old_keys: HashSet<String> = objects.into_iter().chain(moved).collect();
+        let deletes: Vec<Result<(), StoreError>> = futures::stream::iter(old_keys)
             .map(|key| async move {
                 match store.delete(&key).await {
                     Err(StoreError::NotFound(_)) => Ok(()),

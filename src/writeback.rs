@@ -33,7 +33,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::cache::journal::UploadRecord;
-use crate::cache::{Base, Cache, LocalFile, Snapshot};
+use crate::cache::{Base, Cache, FillError, LocalFile, Snapshot};
 use crate::fs::NAME_MAX;
 use crate::store::{Body, CompletedPart, Condition, ObjectStore, PutOptions, StoreError};
 use crate::upload::{effective_part_size, plan_parts};
@@ -72,6 +72,15 @@ pub enum UploadError {
     /// was deleted, will create it anew) and goes up at once.
     #[error("the object changed in S3; the local version is kept as {0}")]
     Conflict(String),
+}
+
+impl From<FillError> for UploadError {
+    fn from(e: FillError) -> Self {
+        match e {
+            FillError::Store(e) => UploadError::Store(e),
+            FillError::Io(e) => UploadError::Io(e),
+        }
+    }
 }
 
 impl UploadError {
@@ -344,6 +353,11 @@ async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<()
     }
     let snapshot = file.snapshot();
     let (snapshot, sent) = if snapshot.size < inner.config.part_size {
+        // A sparse file shrunk below a part: fetch the rest, then send it whole.
+        inner
+            .cache
+            .fill(inner.store.as_ref(), file, 0..snapshot.size)
+            .await?;
         match file.read_snapshot() {
             Ok((snapshot, bytes)) => {
                 let options = put_options(inner, &snapshot);
@@ -413,6 +427,16 @@ fn refused_write(
             // replacing create has made it unlinked, and then it must not be uploaded at all.
             if file.is_unlinked() || file.key() != snapshot.key {
                 return Ok(UploadError::Superseded);
+            }
+            if file.is_sparse() {
+                // The bytes it never fetched were the replaced version's: there is no complete
+                // local version to keep. It stays dirty, and this is reported on every attempt.
+                return Err(UploadError::Io(std::io::Error::other(format!(
+                    "conflict: {} was replaced in S3 by another client before the unchanged \
+                     ranges of this (sparsely staged) file were copied; the local changes stay \
+                     in the cache but cannot be completed ({detail})",
+                    snapshot.key
+                ))));
             }
             let to = conflict_key(&snapshot.key, SystemTime::now(), |k| {
                 inner.cache.get(k).is_some()
@@ -533,15 +557,30 @@ async fn upload_multipart(
         .map(|(number, range)| {
             let (upload_id, shared) = (&upload_id, &shared);
             async move {
-                let body = Body::File {
-                    path: file.path().to_path_buf(),
-                    offset: range.start,
-                    len: range.end - range.start,
+                let etag = if copies_from_base(inner, file, snapshot, &range) {
+                    // Never fetched, so unchanged: copied from the base version server-side
+                    // (the completion's If-Match proves the base was still the object).
+                    inner
+                        .store
+                        .upload_part_copy(key, upload_id, number, key, range)
+                        .await?
+                } else {
+                    inner
+                        .cache
+                        .fill(inner.store.as_ref(), file, range.clone())
+                        .await?;
+                    // Journaled parts must match durable data (a resume trusts them).
+                    file.sync_data()?;
+                    let body = Body::File {
+                        path: file.path().to_path_buf(),
+                        offset: range.start,
+                        len: range.end - range.start,
+                    };
+                    inner
+                        .store
+                        .upload_part(key, upload_id, number, body)
+                        .await?
                 };
-                let etag = inner
-                    .store
-                    .upload_part(key, upload_id, number, body)
-                    .await?;
                 let updated = {
                     let mut r = shared.lock().unwrap_or_else(|e| e.into_inner());
                     r.parts.push((number, etag));
@@ -608,6 +647,20 @@ async fn upload_multipart(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether part `range` of `snapshot` can be a server-side copy of the base version: none of
+/// its bytes were ever fetched or written (a sparse staging's untouched range), the base is
+/// the object at the same key, and the completion is conditional on it.
+fn copies_from_base(
+    inner: &Inner,
+    file: &LocalFile,
+    snapshot: &Snapshot,
+    range: &std::ops::Range<u64>,
+) -> bool {
+    inner.config.conditional
+        && matches!(snapshot.base, Base::Version(_))
+        && file.missing_in(range.clone()) == [range.clone()]
 }
 
 /// Check a journaled upload against the server: keep the parts it really has.

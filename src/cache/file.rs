@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use super::journal::{Base, FORMAT, Record, UploadRecord};
+use super::ranges::RangeSet;
 use crate::meta::PosixMeta;
 
 #[derive(Debug)]
@@ -37,6 +38,9 @@ pub(super) struct State {
     pub etag: Option<String>,
     /// The object version the data replaces (the condition of its next upload).
     pub base: Base,
+    /// Ranges of the data file not fetched from `base` yet (a sparse staging of a large
+    /// object): reads and uploads fill them first. Empty for a complete file.
+    pub missing: RangeSet,
     /// A journal record exists (the file is dirty and was closed, or is uploading).
     pub journaled: bool,
     /// The generation the journal record describes (a close that changed nothing since the
@@ -105,6 +109,7 @@ impl LocalFile {
                 writers: 0,
                 etag: None,
                 base: Base::Unknown,
+                missing: RangeSet::new(),
                 journaled: false,
                 journaled_generation: 0,
                 indexed: false,
@@ -318,6 +323,7 @@ impl LocalFile {
         let offset = if append { s.size } else { offset };
         self.file.write_all_at(data, offset)?;
         s.size = s.size.max(offset + data.len() as u64);
+        s.missing.remove(offset..offset + data.len() as u64);
         self.changed_locked(&mut s, on_void)?;
         Ok(offset)
     }
@@ -330,20 +336,22 @@ impl LocalFile {
         let mut s = self.state();
         self.file.set_len(size)?;
         s.size = size;
+        // Bytes past a shrink are gone; a growth adds zeros, which are local.
+        s.missing.truncate(size);
         self.changed_locked(&mut s, on_void)
     }
 
-    /// Bring the cache's usage in step with this file's size (while it is indexed).
+    /// Bring the cache's usage in step with the bytes this file holds locally (while it is
+    /// indexed): its size, less what a sparse file has not fetched.
     pub(super) fn account(&self, s: &mut State) {
         if s.indexed {
-            if s.size >= s.accounted {
-                self.usage
-                    .fetch_add(s.size - s.accounted, Ordering::Relaxed);
+            let local = s.size.saturating_sub(s.missing.len());
+            if local >= s.accounted {
+                self.usage.fetch_add(local - s.accounted, Ordering::Relaxed);
             } else {
-                self.usage
-                    .fetch_sub(s.accounted - s.size, Ordering::Relaxed);
+                self.usage.fetch_sub(s.accounted - local, Ordering::Relaxed);
             }
-            s.accounted = s.size;
+            s.accounted = local;
         }
     }
 
@@ -396,6 +404,42 @@ impl LocalFile {
         self.file.write_all_at(data, offset)?;
         let mut s = self.state();
         s.size = s.size.max(offset + data.len() as u64);
+        s.missing.remove(offset..offset + data.len() as u64);
+        self.account(&mut s);
+        Ok(())
+    }
+
+    /// Make this (new, empty) data file a sparse stand-in for a `size`-byte object: nothing is
+    /// local yet, every range is fetched from the base version when first needed.
+    pub fn make_sparse(&self, size: u64) -> io::Result<()> {
+        let mut s = self.state();
+        self.file.set_len(size)?;
+        s.size = size;
+        s.missing = RangeSet::of(0..size);
+        self.account(&mut s);
+        Ok(())
+    }
+
+    /// The parts of `range` not fetched yet.
+    pub fn missing_in(&self, range: std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> {
+        self.state().missing.intersect(range)
+    }
+
+    /// Whether some bytes are not local yet.
+    pub fn is_sparse(&self) -> bool {
+        !self.state().missing.is_empty()
+    }
+
+    /// Store fetched bytes `data` (of the base version, at `offset`) where they are still
+    /// missing, never over bytes written meanwhile; not a change of the data.
+    pub fn fill_missing(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.state();
+        let end = offset + data.len() as u64;
+        for r in s.missing.intersect(offset..end) {
+            let slice = &data[(r.start - offset) as usize..(r.end - offset) as usize];
+            self.file.write_all_at(slice, r.start)?;
+        }
+        s.missing.remove(offset..end);
         self.account(&mut s);
         Ok(())
     }
@@ -451,6 +495,7 @@ impl LocalFile {
             upload: s.upload.clone(),
             meta: s.meta,
             base: s.base.clone(),
+            missing: s.missing.to_pairs(),
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct Record {
     /// The version of the object this data replaces (absent in older records).
     #[serde(default)]
     pub base: Base,
+    /// Byte ranges of a sparse data file not fetched yet: they are the base version's bytes
+    /// (absent in older records: the data file is complete).
+    #[serde(default)]
+    pub missing: Vec<(u64, u64)>,
 }
 
 /// The S3 version a file's local data replaces: what a conditional upload checks, so that a
@@ -165,6 +169,7 @@ mod tests {
                 ..Default::default()
             },
             base: Base::Version("\"e0\"".into()),
+            missing: vec![(8, 10)],
         };
         j.write(&r, true).unwrap();
         r.upload = Some(UploadRecord {

@@ -397,3 +397,145 @@ async fn a_conflict_found_by_fsync_is_visible_by_name() {
     let entry = fs.lookup(ROOT_INO, &name).await.unwrap();
     assert_eq!(entry.attr.size, 18);
 }
+
+// ---- sparse staging of large objects -----------------------------------------------------------
+
+/// A `size`-byte object put behind the filesystem's back, and a filesystem counting requests.
+async fn large_object(
+    key: &str,
+    size: usize,
+    cache: &std::path::Path,
+) -> (Arc<MemoryStore>, Arc<FaultyStore>, Filesystem, Vec<u8>) {
+    let memory = Arc::new(MemoryStore::new());
+    let original = body(size, 5);
+    put_external(&memory, key, &original).await;
+    let counted = Arc::new(FaultyStore::new(memory.clone()));
+    let fs = Filesystem::new(counted.clone(), String::new(), config(cache)).unwrap();
+    (memory, counted, fs, original)
+}
+
+async fn open_rw(fs: &Filesystem, name: &str, append: bool) -> u64 {
+    let ino = fs.lookup(ROOT_INO, name).await.unwrap().attr.ino;
+    let mode = OpenMode {
+        write: true,
+        append,
+        truncate: false,
+    };
+    fs.open(ino, mode).await.unwrap()
+}
+
+async fn close(fs: &Filesystem, fh: u64) {
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appending_to_a_large_object_downloads_nothing_and_copies_its_parts() {
+    let cache = tempfile::tempdir().unwrap();
+    let (memory, counted, fs, mut expected) = large_object("big", 40 << 20, cache.path()).await;
+    let fh = open_rw(&fs, "big", true).await;
+    fs.write(fh, 0, b"appended").await.unwrap();
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    expected.extend_from_slice(b"appended");
+    let got = memory.get_range("big", 0..u64::MAX, None).await.unwrap();
+    assert!(
+        got == expected[..],
+        "the object is the original plus the append"
+    );
+    assert_eq!(counted.calls("get_range"), 0, "nothing was downloaded");
+    // 40 MiB in 5 MiB parts: all 8 copied server-side; the appended bytes are a 9th part.
+    assert_eq!(counted.calls("upload_part_copy"), 8);
+    assert_eq!(counted.calls("upload_part"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_into_a_large_object_fetches_only_the_pieces_it_needs() {
+    let cache = tempfile::tempdir().unwrap();
+    let (memory, counted, fs, mut expected) = large_object("big", 40 << 20, cache.path()).await;
+    let fh = open_rw(&fs, "big", false).await;
+    fs.write(fh, 17 << 20, b"0123456789").await.unwrap();
+    expected[17 << 20..(17 << 20) + 10].copy_from_slice(b"0123456789");
+    // Reads see the base's bytes and the write, from one GET of an 8 MiB piece each.
+    let got = fs.read(fh, (17 << 20) - 2, 14).await.unwrap();
+    assert_eq!(&got[..], &expected[(17 << 20) - 2..(17 << 20) + 12]);
+    let got = fs.read(fh, 30 << 20, 4096).await.unwrap();
+    assert_eq!(&got[..], &expected[30 << 20..(30 << 20) + 4096]);
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    let got = memory.get_range("big", 0..u64::MAX, None).await.unwrap();
+    assert!(got == expected[..]);
+    let fetched = counted.calls("get_range");
+    assert!(fetched <= 4, "{fetched} GETs: more than the touched pieces");
+    assert!(
+        counted.calls("upload_part_copy") >= 4,
+        "untouched parts are copied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sparse_file_survives_a_restart_and_a_rename() {
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let memory = Arc::new(MemoryStore::new());
+    let mut expected = body(40 << 20, 6);
+    put_external(&memory, "big", &expected).await;
+    {
+        let mut cfg = config(&cache);
+        cfg.writeback_delay = Duration::from_secs(3600); // nothing uploads before the "crash"
+        let fs = Filesystem::new(memory.clone(), String::new(), cfg).unwrap();
+        let fh = open_rw(&fs, "big", false).await;
+        fs.write(fh, 1 << 20, b"survives").await.unwrap();
+        close(&fs, fh).await;
+    } // dropped without a drain: as a daemon killed here
+    expected[1 << 20..(1 << 20) + 8].copy_from_slice(b"survives");
+    let fs = Filesystem::new(memory.clone(), String::new(), config(&cache)).unwrap();
+    // Its unfetched bytes are the old key's: the rename fetches them before deleting it.
+    fs.rename(ROOT_INO, "big", ROOT_INO, "moved", RenameFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    assert!(memory.head("big").await.is_err());
+    let got = memory.get_range("moved", 0..u64::MAX, None).await.unwrap();
+    assert!(
+        got == expected[..],
+        "the moved file is the base plus the write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sparse_file_truncated_and_grown_keeps_exactly_its_bytes() {
+    let cache = tempfile::tempdir().unwrap();
+    let (memory, _, fs, original) = large_object("big", 40 << 20, cache.path()).await;
+    let fh = open_rw(&fs, "big", false).await;
+    let ino = fs.lookup(ROOT_INO, "big").await.unwrap().attr.ino;
+    let set_len = |size| SetAttr {
+        size: Some(size),
+        ..SetAttr::default()
+    };
+    fs.setattr(ino, set_len(3 << 20)).await.unwrap();
+    fs.setattr(ino, set_len(4 << 20)).await.unwrap();
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    let mut expected = original[..3 << 20].to_vec();
+    expected.resize(4 << 20, 0);
+    let got = memory.get_range("big", 0..u64::MAX, None).await.unwrap();
+    assert!(got == expected[..], "3 MiB of the base, then zeros");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sparse_file_whose_base_is_replaced_stays_dirty_and_overwrites_nothing() {
+    let cache = tempfile::tempdir().unwrap();
+    let (memory, _, fs, _) = large_object("big", 40 << 20, cache.path()).await;
+    let fh = open_rw(&fs, "big", true).await;
+    fs.write(fh, 0, b"mine").await.unwrap();
+    put_external(&memory, "big", b"theirs").await;
+    let err = fs.fsync(fh).await.unwrap_err();
+    assert_eq!(err.errno_value(), libc::EIO);
+    close(&fs, fh).await;
+    assert_eq!(
+        &memory.get_range("big", 0..u64::MAX, None).await.unwrap()[..],
+        b"theirs"
+    );
+    assert_eq!(fs.drain(Duration::from_millis(300)).await, 1, "still dirty");
+}
