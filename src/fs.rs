@@ -673,7 +673,9 @@ impl Filesystem {
         apply(&mut meta, libc::S_IFREG);
         let mut metadata = head.metadata.clone();
         meta.apply_to(&mut metadata);
-        let etag = self.store.copy(&key, &key, Some(&metadata)).await?;
+        let etag =
+            crate::store::copy_object(self.store.as_ref(), &key, &key, head.size, Some(&metadata))
+                .await?;
         if let Some(local) = &local {
             local.set_clean_meta(meta);
             local.set_etag(etag.clone());
@@ -1420,7 +1422,7 @@ impl Filesystem {
         if target == Some(ino) {
             return Ok(());
         }
-        let (kind, old_key, new_key, has_remote) = {
+        let (kind, old_key, new_key, remote_size) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if let Some(t) = target {
@@ -1443,7 +1445,7 @@ impl Filesystem {
                 node.kind,
                 self.key(&Self::path_of(&table, ino)?, node.kind),
                 self.key(&new_path, node.kind),
-                node.remote.is_some(),
+                node.remote.as_ref().map(|r| r.size),
             )
         };
         if kind == FileKind::Directory {
@@ -1467,10 +1469,13 @@ impl Filesystem {
         }
         // Clean: copy first (if it fails, nothing has changed). The copy is a new object with
         // an ETag of its own (a copied multipart object gets a single-part ETag).
-        let copied_etag = if !dirty && (has_remote || local.is_some()) {
-            Some(self.store.copy(&old_key, &new_key, None).await?)
-        } else {
-            None
+        let size = local.as_ref().map(|l| l.size()).or(remote_size);
+        let copied_etag = match size.filter(|_| !dirty) {
+            Some(size) => Some(
+                crate::store::copy_object(self.store.as_ref(), &old_key, &new_key, size, None)
+                    .await?,
+            ),
+            None => None,
         };
         // Dirty: the local data is the newest version; it is re-keyed and uploaded under the
         // new name. A replaced target's upload in flight finishes (or aborts) before this
@@ -1549,6 +1554,7 @@ impl Filesystem {
         }
         // Everything under the prefix, counted before anything changes.
         let mut objects = Vec::new();
+        let mut sizes = HashMap::new();
         let mut continuation = None;
         loop {
             let page = self
@@ -1560,7 +1566,10 @@ impl Filesystem {
                     max_keys: None,
                 })
                 .await?;
-            objects.extend(page.objects.into_iter().map(|o| o.key));
+            for o in page.objects {
+                sizes.insert(o.key.clone(), o.size);
+                objects.push(o.key);
+            }
             if objects.len() > self.config.max_rename_objects {
                 return Err(FsError::with_message(
                     libc::EXDEV,
@@ -1596,7 +1605,14 @@ impl Filesystem {
                     .fill(self.store.as_ref(), &local, 0..local.size())
                     .await?;
             } else {
-                let etag = match self.store.copy(&key, &new_key, None).await {
+                let copy = crate::store::copy_object(
+                    self.store.as_ref(),
+                    &key,
+                    &new_key,
+                    local.size(),
+                    None,
+                );
+                let etag = match copy.await {
                     Ok(etag) => etag,
                     Err(StoreError::NotFound(_)) if !local_decides(&local) => {
                         // Another client deleted the object: the copy goes with it.
@@ -1614,14 +1630,14 @@ impl Filesystem {
             }
             moved.insert(key);
         }
-        let pairs: Vec<(String, String)> = objects
+        let pairs: Vec<(String, String, u64)> = objects
             .iter()
             .filter(|k| !moved.contains(*k))
-            .map(|k| (k.clone(), renamed(k)))
+            .map(|k| (k.clone(), renamed(k), sizes.get(k).copied().unwrap_or(0)))
             .collect();
         let store = &self.store;
         let copies: Vec<Result<String, StoreError>> = futures::stream::iter(pairs)
-            .map(|(from, to)| async move {
+            .map(|(from, to, size)| async move {
                 if from.ends_with('/') {
                     // A directory marker is written anew (some servers, SeaweedFS among them,
                     // cannot copy one), with its stored attributes.
@@ -1633,7 +1649,7 @@ impl Filesystem {
                     let empty = crate::store::Body::Bytes(Bytes::new());
                     return store.put(&to, empty, &options).await;
                 }
-                store.copy(&from, &to, None).await
+                crate::store::copy_object(store.as_ref(), &from, &to, size, None).await
             })
             .buffer_unordered(RENAME_CONCURRENCY)
             .collect()

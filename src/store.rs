@@ -320,6 +320,94 @@ pub async fn honours_conditional_writes(store: &dyn ObjectStore, scratch: &str) 
     }
 }
 
+/// The largest object one CopyObject may copy (S3's limit); larger ones are copied in parts.
+pub const MAX_COPY_SIZE: u64 = 5 << 30;
+
+/// Part size of a multipart copy: big parts keep the request count low (each part is one
+/// server-side UploadPartCopy, no bytes pass through us); it doubles past 10,000 parts.
+const COPY_PART_SIZE: u64 = 512 << 20;
+
+/// Parts of one multipart copy in flight at once.
+const COPY_CONCURRENCY: usize = 4;
+
+/// Server-side copy of `from` (`size` bytes) to `to`: one CopyObject up to 5 GiB, above that
+/// a multipart upload of UploadPartCopy parts (aborted if a part fails). `metadata: None`
+/// keeps the source's metadata, `Some` replaces it. Returns the new object's ETag.
+pub async fn copy_object(
+    store: &dyn ObjectStore,
+    from: &str,
+    to: &str,
+    size: u64,
+    metadata: Option<&Metadata>,
+) -> Result<String> {
+    copy_object_in_parts(
+        store,
+        (from, to),
+        size,
+        metadata,
+        (MAX_COPY_SIZE, COPY_PART_SIZE),
+    )
+    .await
+}
+
+/// [`copy_object`] with its limits, `(largest single copy, part size)`, as parameters.
+async fn copy_object_in_parts(
+    store: &dyn ObjectStore,
+    (from, to): (&str, &str),
+    size: u64,
+    metadata: Option<&Metadata>,
+    (single_max, part_size): (u64, u64),
+) -> Result<String> {
+    use futures::StreamExt;
+    if size <= single_max {
+        return store.copy(from, to, metadata).await;
+    }
+    let metadata = match metadata {
+        Some(m) => m.clone(),
+        None => store.head(from).await?.metadata,
+    };
+    let options = PutOptions {
+        metadata,
+        ..PutOptions::default()
+    };
+    let upload_id = store.create_multipart(to, &options).await?;
+    let parts: Vec<Result<CompletedPart>> = futures::stream::iter(
+        crate::upload::plan_parts(size, part_size)
+            .into_iter()
+            .zip(1..),
+    )
+    .map(|(range, number)| {
+        let upload_id = &upload_id;
+        async move {
+            let etag = store
+                .upload_part_copy(to, upload_id, number, from, range)
+                .await?;
+            Ok(CompletedPart { number, etag })
+        }
+    })
+    .buffered(COPY_CONCURRENCY)
+    .collect()
+    .await;
+    let completed = match parts.into_iter().collect::<Result<Vec<_>>>() {
+        Ok(parts) => {
+            store
+                .complete_multipart(to, &upload_id, &parts, &Condition::None)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if completed.is_err()
+        && let Err(e) = store.abort_multipart(to, &upload_id).await
+    {
+        tracing::warn!(
+            key = to,
+            upload_id,
+            "cannot abort a failed multipart copy: {e}"
+        );
+    }
+    completed
+}
+
 /// The ETag S3 gives a multipart object: MD5 of the concatenated binary part MD5s, `-N`.
 pub fn multipart_etag<'a>(part_etags: impl IntoIterator<Item = &'a str>) -> String {
     use md5::{Digest, Md5};
@@ -337,4 +425,45 @@ pub fn multipart_etag<'a>(part_etags: impl IntoIterator<Item = &'a str>) -> Stri
 pub fn md5_hex(data: &[u8]) -> String {
     use md5::{Digest, Md5};
     hex::encode(Md5::digest(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_above_the_single_copy_limit_go_part_by_part() {
+        let store = MemoryStore::new();
+        let data: Vec<u8> = (0..12 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let metadata: Metadata = [("mode".to_string(), "33188".to_string())].into();
+        let options = PutOptions {
+            metadata: metadata.clone(),
+            ..PutOptions::default()
+        };
+        store
+            .put("src", Body::Bytes(Bytes::from(data.clone())), &options)
+            .await
+            .unwrap();
+        let limits = (1 << 20, MIN_PART_SIZE); // 12 MiB: three parts, 5 + 5 + 2 MiB
+        let etag = copy_object_in_parts(&store, ("src", "dst"), 12 << 20, None, limits)
+            .await
+            .unwrap();
+        assert!(etag.ends_with("-3"), "a three-part object: {etag}");
+        let got = store.get_range("dst", 0..u64::MAX, None).await.unwrap();
+        assert!(got == data[..], "the copy has the source's bytes");
+        assert_eq!(store.head("dst").await.unwrap().metadata, metadata);
+        // A failing part aborts the upload: nothing is left behind.
+        let err = copy_object_in_parts(
+            &store,
+            ("missing", "dst2"),
+            12 << 20,
+            Some(&metadata),
+            limits,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(store.list_multipart_uploads("").await.unwrap().is_empty());
+        assert!(store.head("dst2").await.is_err());
+    }
 }
