@@ -78,14 +78,28 @@ pub fn normalize_prefix(prefix: &str) -> String {
     }
 }
 
-/// S3 connection settings other than the bucket.
-#[derive(Debug, Clone, Default)]
+/// S3 connection settings other than the bucket. `Debug` shows whether credentials are set,
+/// never their values.
+#[derive(Clone, Default)]
 pub struct S3Settings {
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
     pub addressing_style: AddressingStyle,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("S3Settings")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("region", &self.region)
+            .field("addressing_style", &self.addressing_style)
+            .field("access_key_id", &redacted(&self.access_key_id))
+            .field("secret_access_key", &redacted(&self.secret_access_key))
+            .finish()
+    }
 }
 
 impl S3Settings {
@@ -138,7 +152,9 @@ impl Config {
             (Some(s), Some(_)) => return Err(Source::parse(s).unwrap_err()),
             (None, mp) => (Self::source_from_env(args)?, mp.clone()),
         };
-        let mountpoint = mountpoint.unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNTPOINT));
+        let mountpoint = mountpoint
+            .or_else(|| env("BUCKETFS_MOUNTPOINT").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNTPOINT));
         let s3 = S3Settings {
             endpoint_url: args
                 .s3
@@ -334,6 +350,19 @@ mod tests {
             }
         );
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/y"));
+        // BUCKETFS_MOUNTPOINT (the systemd env file's way) when no positional names one.
+        let c = Config::resolve(&args, |k| {
+            (k == "BUCKETFS_MOUNTPOINT").then(|| "/mnt/env".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.mountpoint, PathBuf::from("/mnt/y"));
+        let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command;
+        args.s3.bucket = Some("envbucket".into());
+        let c = Config::resolve(&args, |k| {
+            (k == "BUCKETFS_MOUNTPOINT").then(|| "/mnt/env".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.mountpoint, PathBuf::from("/mnt/env"));
 
         let Command::Mount(args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command;
         if args.s3.bucket.is_none() {

@@ -195,6 +195,11 @@ impl Filesystem {
         &self.writeback
     }
 
+    /// The local cache (for status reports and metrics).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, InodeTable> {
         self.inodes.lock().unwrap_or_else(|e| e.into_inner())
     }

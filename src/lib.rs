@@ -7,7 +7,8 @@
 //! - [`fs`]: the filesystem core — inodes, handles, POSIX semantics — on plain domain types;
 //! - [`fuse`]: the thin adapter from `fuser` requests onto the core;
 //! - [`cli`] and [`config`]: flags and environment turned into one [`config::Config`];
-//! - [`mount`]: wiring it all together for the binary (and the integration tests).
+//! - [`mount`]: wiring it all together for the binary (and the integration tests);
+//! - [`service`]: notifying a supervisor (systemd `Type=notify`).
 
 pub mod cache;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod fuse;
 pub mod meta;
 pub mod mount;
 pub mod read;
+pub mod service;
 pub mod store;
 pub mod upload;
 pub mod writeback;

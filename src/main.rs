@@ -9,11 +9,15 @@ use tracing_subscriber::EnvFilter;
 use bucketfs::cli::{Cli, Command, MountArgs};
 use bucketfs::config::Config;
 use bucketfs::mount::{self, StartError};
+use bucketfs::service;
 
 /// Set in the environment of the detached child that `--daemon` starts.
 const DAEMON_CHILD_ENV: &str = "BUCKETFS_DAEMON_CHILD";
 /// What the detached child prints on stdout once the mount answers.
 const READY_LINE: &str = "bucketfs-ready";
+/// How long a fresh mount may take to answer its first `statfs` before start-up goes on anyway
+/// (it answers within milliseconds; a kernel that takes longer is stuck elsewhere).
+const MOUNT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,18 +59,25 @@ async fn serve(mut config: Config) -> Result<bool, StartError> {
     let store = mount::open_store(&config).await?;
     config.fs.conditional_writes = mount::conditional_writes(&config, store.as_ref()).await;
     let mounted = mount::mount(&config, store, tokio::runtime::Handle::current())?;
-    if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
-        announce_ready(&config);
+    // READY only once the kernel routes requests to us and the root answers.
+    if !service::wait_until_answers(&config.mountpoint, MOUNT_ANSWER_TIMEOUT).await {
+        tracing::warn!(
+            "the new mount does not answer after {}s; reporting ready anyway",
+            MOUNT_ANSWER_TIMEOUT.as_secs()
+        );
     }
+    service::ready(&config.source.url(), &config.mountpoint);
+    if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
+        announce_ready();
+    }
+    let reporter = service::spawn_status_reporter(mounted.fs.clone(), "serving: ");
     mounted.wait().await;
+    reporter.abort();
     Ok(mounted.shutdown(config.drain_timeout).await)
 }
 
 /// In the detached child: once the mount answers, tell the parent and let go of its pipe.
-fn announce_ready(config: &Config) {
-    if let Err(e) = std::fs::metadata(&config.mountpoint) {
-        tracing::warn!("the new mount does not answer yet: {e}");
-    }
+fn announce_ready() {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{READY_LINE}");
     let _ = out.flush();

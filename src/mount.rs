@@ -205,8 +205,16 @@ impl Mounted {
     /// Upload everything pending (at most `drain_timeout`), then unmount. Returns whether all
     /// data reached the store.
     pub async fn shutdown(self, drain_timeout: Duration) -> bool {
+        crate::service::stopping(&self.fs);
+        let reporter = crate::service::spawn_status_reporter(self.fs.clone(), "draining: ");
         let left = self.fs.drain(drain_timeout).await;
+        reporter.abort();
         let synced = left == 0;
+        crate::service::status(&if synced {
+            "drained: every change is in the bucket; unmounting".to_string()
+        } else {
+            format!("drain timed out: {left} files stay journaled for the next start; unmounting")
+        });
         if synced {
             tracing::info!("every change is in the bucket");
         } else {
