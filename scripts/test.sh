@@ -16,6 +16,8 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v umount >/dev/null || need_apt+=(mount)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# tests/ops.rs: systemd-analyze verifies the unit; mount(8) runs the fstab helper.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

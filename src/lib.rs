@@ -8,7 +8,8 @@
 //! - [`fuse`]: the thin adapter from `fuser` requests onto the core;
 //! - [`cli`] and [`config`]: flags and environment turned into one [`config::Config`];
 //! - [`mount`]: wiring it all together for the binary (and the integration tests);
-//! - [`service`]: notifying a supervisor (systemd `Type=notify`).
+//! - [`service`]: notifying a supervisor (systemd `Type=notify`);
+//! - [`helper`]: the mount(8) helper `mount.fuse.bucketfs` (fstab).
 
 pub mod cache;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod helper;
 pub mod meta;
 pub mod mount;
 pub mod read;

@@ -1,5 +1,6 @@
 //! The `bucketfs` binary: parse flags, set up logging, mount, serve, drain, unmount.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -9,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use bucketfs::cli::{Cli, Command, MountArgs};
 use bucketfs::config::Config;
 use bucketfs::mount::{self, StartError};
-use bucketfs::service;
+use bucketfs::{helper, service};
 
 /// Set in the environment of the detached child that `--daemon` starts.
 const DAEMON_CHILD_ENV: &str = "BUCKETFS_DAEMON_CHILD";
@@ -20,10 +21,60 @@ const READY_LINE: &str = "bucketfs-ready";
 const MOUNT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if helper::is_helper(&argv0) {
+        return run_helper();
+    }
     let cli = Cli::parse();
     match cli.command {
-        Command::Mount(args) => run_mount(args),
+        Command::Mount(args) => run_mount(args, std::env::args_os().skip(1).collect()),
     }
+}
+
+/// Run as `/sbin/mount.fuse.bucketfs SPEC DIR -o OPTIONS` (mount(8), fstab).
+fn run_helper() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let invocation = match helper::parse(&argv) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    if let Some(path) = &invocation.env_file {
+        let vars = match helper::read_env_file(path) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        for (key, value) in vars {
+            // SAFETY: still single-threaded: nothing else reads or writes the environment yet.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+    if invocation.verbose {
+        let shown: Vec<String> = invocation
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        eprintln!("bucketfs: running: bucketfs {}", shown.join(" "));
+    }
+    let mut full = vec![OsString::from("bucketfs")];
+    full.extend(invocation.args.iter().cloned());
+    let cli = match Cli::try_parse_from(&full) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("mount options: {}", first_line(&e.to_string()))),
+    };
+    let Command::Mount(args) = cli.command;
+    if invocation.fake {
+        // -f: check the options, mount nothing.
+        return match Config::from_args(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
+    run_mount(args, invocation.args)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -31,14 +82,16 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run_mount(args: MountArgs) -> ExitCode {
+/// Mount with `args`; `child_args` is the same command line (without the program name), which
+/// `--daemon` hands to the detached child.
+fn run_mount(args: MountArgs, child_args: Vec<OsString>) -> ExitCode {
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
     init_logging(&config.log_level);
     if config.daemon && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
-        return detach();
+        return detach(child_args);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,7 +144,7 @@ fn announce_ready() {
 
 /// `--daemon`: run the same command as a detached child and return once it reports the mount
 /// live (exit 0), or with its failure.
-fn detach() -> ExitCode {
+fn detach(child_args: Vec<OsString>) -> ExitCode {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let exe = match std::env::current_exe() {
@@ -99,7 +152,7 @@ fn detach() -> ExitCode {
         Err(e) => return fail(format!("cannot find own executable: {e}")),
     };
     let mut child = match std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+        .args(child_args)
         .env(DAEMON_CHILD_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

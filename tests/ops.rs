@@ -10,7 +10,7 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,4 +234,221 @@ fn notify_socket_with_an_abstract_name_works() {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let notify = FakeNotify::bind(UnixDatagram::bind_addr(&addr).unwrap());
     notifications_in_order(&format!("@{name}"), notify);
+}
+
+// ---- fstab: the mount(8) helper ---------------------------------------------------------------
+
+/// Runs `umount -l` on drop: for mounts whose daemon mount(8) started, not a `Mount`.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if mount::is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// A scratch layout for a helper-started mount: a `file://` store, a mount point, a cache, an
+/// env file and the log file the daemon's stderr goes to.
+struct HelperDirs {
+    dir: tempfile::TempDir,
+}
+
+impl HelperDirs {
+    fn new() -> HelperDirs {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        // The env file holds what must not be in fstab; the secret here only has to stay out
+        // of every log.
+        std::fs::write(
+            dir.path().join("x.env"),
+            "# as /etc/bucketfs/x.env\nBUCKETFS_WRITEBACK_DELAY=50ms\nS3_SECRET_ACCESS_KEY=helper-secret-value-1234\n",
+        )
+        .unwrap();
+        HelperDirs { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn source(&self) -> String {
+        format!("file://{}", self.path("store").display())
+    }
+    fn options(&self) -> String {
+        format!(
+            "rw,_netdev,nofail,allow_other,cache_dir={},env_file={},metadata_ttl=1s,x-systemd.automount",
+            self.path("cache").display(),
+            self.path("x.env").display()
+        )
+    }
+    fn log(&self) -> std::fs::File {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .unwrap()
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// Write a file through the mount, unmount with umount(8), and check the object reached
+    /// the store once the daemon exits.
+    fn write_unmount_and_check(&self, mnt: &Path) {
+        std::fs::write(mnt.join("hello.txt"), b"through fstab").unwrap();
+        let status = Command::new("umount").arg(mnt).status().unwrap();
+        assert!(status.success(), "umount failed");
+        // The daemon drains, then releases the store's lock: open it and look.
+        let store = self.path("store");
+        let opened = wait_for(Duration::from_secs(30), || {
+            bucketfs::store::DirStore::open(&store).is_ok()
+        });
+        assert!(opened, "the daemon never exited:\n{}", self.log_text());
+        let store = bucketfs::store::DirStore::open(&store).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let got = rt
+            .block_on(bucketfs::store::ObjectStore::get_range(
+                &store,
+                "hello.txt",
+                0..1024,
+                None,
+            ))
+            .unwrap();
+        assert_eq!(&got[..], b"through fstab");
+        assert!(!self.log_text().contains("helper-secret-value-1234"));
+    }
+}
+
+#[test]
+fn mount_helper_run_as_mount_8_runs_it_mounts_and_returns() {
+    let d = HelperDirs::new();
+    let helper = d.path("mount.fuse.bucketfs");
+    std::os::unix::fs::symlink(mount::bin(), &helper).unwrap();
+    let mnt = d.path("mnt");
+    let _guard = Unmount(mnt.clone());
+    // util-linux: /sbin/mount.<type> SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE].
+    let started = Instant::now();
+    let status = Command::new(&helper)
+        .arg(d.source())
+        .arg(&mnt)
+        .args(["-n", "-o", &d.options(), "-t", "fuse.bucketfs"])
+        .stdin(Stdio::null())
+        .stdout(d.log())
+        .stderr(d.log())
+        .status()
+        .unwrap();
+    assert!(status.success(), "helper: {status}\n{}", d.log_text());
+    assert!(
+        mount::is_mounted(&mnt),
+        "returned before mounting:\n{}",
+        d.log_text()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    d.write_unmount_and_check(&mnt);
+}
+
+#[test]
+fn mount_helper_refuses_secrets_and_unknown_options_and_fakes_with_f() {
+    let d = HelperDirs::new();
+    let helper = d.path("mount.bucketfs");
+    std::os::unix::fs::symlink(mount::bin(), &helper).unwrap();
+    let mnt = d.path("mnt");
+    let _guard = Unmount(mnt.clone());
+    let run = |opts: &str, extra: &[&str]| {
+        Command::new(&helper)
+            .arg(d.source())
+            .arg(&mnt)
+            .args(extra)
+            .args(["-o", opts])
+            .output()
+            .unwrap()
+    };
+    let out = run("allow_other,secret_access_key=hunter2", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("env_file") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let out = run("allow_other,no_such_option=1", &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_option"));
+    // A bad value is reported by the flag's own parser.
+    let out = run("part_size=1MiB", &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("5MiB"));
+    // -f: everything checked, nothing mounted.
+    let out = run(&d.options(), &["-f"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!mount::is_mounted(&mnt));
+}
+
+/// Where util-linux looks for the helper of type `fuse.bucketfs`.
+const SBIN_HELPER: &str = "/sbin/mount.fuse.bucketfs";
+
+/// Installs `/sbin/mount.fuse.bucketfs` → the binary under test for the test's duration, unless
+/// a real installation is there (then the test leaves it alone and says so).
+struct SbinHelper {
+    installed: bool,
+}
+
+impl SbinHelper {
+    fn install() -> Option<SbinHelper> {
+        let path = Path::new(SBIN_HELPER);
+        match std::fs::read_link(path) {
+            // A previous test run's link: ours to replace.
+            Ok(target) if target.to_string_lossy().contains("/target/release/") => {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(_) => return None,
+            Err(_) if path.exists() => return None,
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(mount::bin(), path).ok()?;
+        Some(SbinHelper { installed: true })
+    }
+}
+
+impl Drop for SbinHelper {
+    fn drop(&mut self) {
+        if self.installed {
+            let _ = std::fs::remove_file(SBIN_HELPER);
+        }
+    }
+}
+
+#[test]
+fn fstab_line_mounts_with_mount_8() {
+    let d = HelperDirs::new();
+    let mnt = d.path("mnt");
+    // The fstab line of docs/OPERATIONS.md, in a private fstab (mount -T) so the machine's is
+    // untouched.
+    let fstab = d.path("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# test\n{} {} fuse.bucketfs {},noauto 0 0\n",
+            d.source(),
+            mnt.display(),
+            d.options()
+        ),
+    )
+    .unwrap();
+    let Some(_helper) = SbinHelper::install() else {
+        panic!("{SBIN_HELPER} exists and is not a test link: remove it or run elsewhere");
+    };
+    let _guard = Unmount(mnt.clone());
+    let status = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        // The daemon inherits mount's stderr: a file, never a pipe the test would wait on.
+        .stdout(d.log())
+        .stderr(d.log())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount: {status}\n{}", d.log_text());
+    assert!(mount::is_mounted(&mnt), "{}", d.log_text());
+    d.write_unmount_and_check(&mnt);
 }
