@@ -467,6 +467,10 @@ impl Cache {
             // Under the state lock: a close racing with this cannot have its record removed.
             let mut s = file.state();
             if !file.mark_clean_locked(&mut s, snapshot, etag) {
+                if s.journaled && !s.unlinked && s.key == snapshot.key {
+                    // Still dirty, but its base moved to our upload: a restart must know.
+                    self.journal.write(&file.record_locked(&s), false)?;
+                }
                 return Ok(false);
             }
             self.journal.remove(file.id())?;

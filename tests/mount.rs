@@ -103,6 +103,8 @@ macro_rules! both_servers {
     };
 }
 
+#[path = "mount/model.rs"]
+mod model;
 #[path = "mount/posix.rs"]
 mod posix;
 #[path = "mount/semantics.rs"]

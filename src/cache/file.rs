@@ -248,11 +248,16 @@ impl LocalFile {
         snapshot: &Snapshot,
         etag: String,
     ) -> bool {
-        if s.generation != snapshot.generation || s.key != snapshot.key || s.unlinked {
+        if s.key != snapshot.key || s.unlinked {
+            return false;
+        }
+        // Our upload is the object now, even if the data changed since: the next upload
+        // replaces this version (else it would take our own upload for a conflict).
+        s.base = Base::Version(etag.clone());
+        if s.generation != snapshot.generation {
             return false;
         }
         s.clean_generation = snapshot.generation;
-        s.base = Base::Version(etag.clone());
         s.etag = Some(etag);
         s.upload = None;
         s.failures = 0;

@@ -539,3 +539,24 @@ async fn a_sparse_file_whose_base_is_replaced_stays_dirty_and_overwrites_nothing
     );
     assert_eq!(fs.drain(Duration::from_millis(300)).await, 1, "still dirty");
 }
+
+/// Found by the real-mount reference model: a file rewritten while its first upload (of a new
+/// name) was in flight took that upload for another client's and was kept as a conflict copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrite_during_the_first_upload_is_no_conflict() {
+    let memory = Arc::new(MemoryStore::new());
+    let slow = Arc::new(FaultyStore::new(memory.clone()));
+    slow.set_latency(Duration::from_millis(300));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(slow.clone(), String::new(), config(cache.path())).unwrap();
+    write_file(&fs, "z", b"first").await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the upload is in flight
+    let fh = open_rw(&fs, "z", false).await;
+    fs.write(fh, 0, b"FIRST").await.unwrap();
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    let objects = objects(&memory, "").await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects["z"], b"FIRST");
+    assert_eq!(fs.writeback().stats().conflicts, 0);
+}

@@ -160,7 +160,8 @@ impl Mount {
         let status = self.terminate().expect("daemon already stopped");
         assert!(
             !is_mounted(&self.mountpoint),
-            "still mounted after the daemon exited"
+            "still mounted after the daemon exited ({status}):\n{}",
+            self.log_text()
         );
         status
     }
