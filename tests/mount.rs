@@ -109,6 +109,8 @@ mod model;
 mod posix;
 #[path = "mount/semantics.rs"]
 mod semantics;
+#[path = "mount/tools.rs"]
+mod tools;
 
 both_servers!(
     files_round_trip_as_objects_under_the_prefix,

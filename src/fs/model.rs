@@ -1585,37 +1585,3 @@ async fn truncating_a_file_only_readers_have_open_survives_a_crash() {
     assert_eq!(fs.drain(Duration::from_secs(10)).await, 0);
     assert_eq!(object(&store, "p/f").await.as_deref(), Some(&b"x\0"[..]));
 }
-
-// TEMPORARY (not to be committed): replay and minimise a flaky case from /tmp/model/case.rs.
-#[test]
-#[ignore]
-fn replay_and_minimise() {
-    let case: Case = include!("/tmp/model/case.rs");
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let fails = |ops: &[Op]| -> Option<String> {
-        let c = Case {
-            forget_lookups: case.forget_lookups,
-            ops: ops.to_vec(),
-        };
-        (0..runs).find_map(|_| run_case(&c).err())
-    };
-    let mut ops = case.ops.clone();
-    let Some(mut why) = fails(&ops) else {
-        panic!("does not fail in {runs} runs")
-    };
-    let mut i = ops.len();
-    while i > 0 {
-        i -= 1;
-        let mut shorter = ops.clone();
-        shorter.remove(i);
-        if let Some(w) = fails(&shorter) {
-            ops = shorter;
-            why = w;
-            i = i.min(ops.len());
-        }
-    }
-    panic!("minimal ({} ops): {why}\n{ops:#?}", ops.len());
-}
