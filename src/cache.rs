@@ -185,7 +185,7 @@ impl Cache {
             ));
             {
                 let mut s = local.state();
-                s.generation = 1; // dirty: generation 1, nothing clean yet
+                s.bump(); // dirty: generation 1, nothing clean yet
                 s.journaled = true;
                 s.upload = r.upload.clone();
                 s.meta = r.meta;
@@ -575,6 +575,7 @@ impl Cache {
             index.by_key.remove(key);
             index.lru.pop(&id);
             file.set_indexed(false);
+            metrics::counter!(crate::metrics::names::EVICTIONS).increment(1);
             tracing::debug!(key, "evicted from the cache");
         }
     }

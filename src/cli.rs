@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::store::AddressingStyle;
@@ -28,7 +29,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount SOURCE at MOUNTPOINT and serve it until unmounted or signalled.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
+    /// Exit 0 if the bucketfs mount at MOUNTPOINT answers, 1 otherwise (container healthcheck).
+    Health(ProbeArgs),
+    /// Print what the daemon serving MOUNTPOINT has not uploaded yet: dirty, uploading and
+    /// failing files (with the last error) and the cache use; for a file inside the mount,
+    /// its own state.
+    Status(ProbeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// The mount point (for `status`, also a file or directory inside the mount).
+    #[arg(value_name = "MOUNTPOINT", env = "BUCKETFS_MOUNTPOINT", default_value = crate::config::DEFAULT_MOUNTPOINT)]
+    pub mountpoint: PathBuf,
+
+    /// How long the mount may take to answer.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -93,7 +111,7 @@ pub struct S3Args {
 #[command(next_help_heading = "Mount")]
 pub struct MountOptions {
     /// Let users other than the mounting one (e.g. another container) use the mount.
-    #[arg(long, env = "BUCKETFS_ALLOW_OTHER")]
+    #[arg(long, env = "BUCKETFS_ALLOW_OTHER", value_parser = BoolishValueParser::new())]
     pub allow_other: bool,
 
     /// Owner of every file and directory [default: the mounting user].
@@ -113,7 +131,7 @@ pub struct MountOptions {
     pub dir_mode: u16,
 
     /// Refuse every change (EROFS).
-    #[arg(long, env = "BUCKETFS_READ_ONLY")]
+    #[arg(long, env = "BUCKETFS_READ_ONLY", value_parser = BoolishValueParser::new())]
     pub read_only: bool,
 
     /// How long file attributes, directory entries and missing names are trusted before S3 is
@@ -199,6 +217,23 @@ pub struct LogArgs {
     /// "bucketfs=debug".
     #[arg(long, env = "BUCKETFS_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// Log line format: `text` (colours only on a terminal; journald gets plain lines) or
+    /// `json` (one object per line, for log shippers).
+    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz
+    /// (200 while the mount answers and S3 is reachable, else 503), e.g. 127.0.0.1:9464.
+    /// Off by default.
+    #[arg(long, env = "BUCKETFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Parse an octal permission mode such as `0644` or `755`.

@@ -127,6 +127,8 @@ pub struct Config {
     /// How long shutdown waits for pending uploads.
     pub drain_timeout: Duration,
     pub log_level: String,
+    pub log_format: crate::cli::LogFormat,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// `--conditional-writes`; `fs.conditional_writes` holds the outcome once settled.
     pub conditional_writes: ConditionalWrites,
     pub fs: FsConfig,
@@ -204,6 +206,8 @@ impl Config {
             daemon: args.mount.daemon,
             drain_timeout: args.cache.drain_timeout,
             log_level: args.logging.log_level.clone(),
+            log_format: args.logging.log_format,
+            metrics_addr: args.logging.metrics_addr,
             conditional_writes: args.mount.conditional_writes,
             fs,
         };
@@ -270,7 +274,10 @@ mod tests {
         full.extend_from_slice(argv);
         let Command::Mount(args) = Cli::try_parse_from(full)
             .map_err(|e| e.to_string())?
-            .command;
+            .command
+        else {
+            unreachable!("a mount command line")
+        };
         Config::resolve(&args, |k| {
             env.iter()
                 .find(|(n, _)| *n == k)
@@ -338,7 +345,10 @@ mod tests {
         // Only a mount point: the bucket comes from S3_BUCKET_NAME (clap reads it).
         let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount", "/mnt/y"])
             .unwrap()
-            .command;
+            .command
+        else {
+            unreachable!()
+        };
         args.s3.bucket = Some("envbucket".into());
         args.s3.key_prefix = Some("owui".into());
         let c = Config::resolve(&args, |_| None).unwrap();
@@ -356,7 +366,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/y"));
-        let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command;
+        let Command::Mount(mut args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command
+        else {
+            unreachable!()
+        };
         args.s3.bucket = Some("envbucket".into());
         let c = Config::resolve(&args, |k| {
             (k == "BUCKETFS_MOUNTPOINT").then(|| "/mnt/env".to_string())
@@ -364,7 +377,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/env"));
 
-        let Command::Mount(args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command;
+        let Command::Mount(args) = Cli::try_parse_from(["bucketfs", "mount"]).unwrap().command
+        else {
+            unreachable!()
+        };
         if args.s3.bucket.is_none() {
             let c = Config::resolve(&args, |_| None);
             assert!(c.unwrap_err().contains("S3_BUCKET_NAME"));

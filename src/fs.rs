@@ -200,6 +200,25 @@ impl Filesystem {
         &self.cache
     }
 
+    /// Where inode `ino` stands on its way to S3, as `user.bucketfs.state` shows it: `clean
+    /// <etag>`, `dirty`, `uploading n/m`, `failed: <reason> …`; `directory` for directories.
+    pub fn upload_state(&self, ino: Ino) -> FsResult<String> {
+        let (local, remote_etag) = {
+            let table = self.table();
+            let node = table.get(ino).ok_or_else(FsError::not_found)?;
+            if node.kind == FileKind::Directory {
+                return Ok("directory".into());
+            }
+            let remote_etag = node.remote.as_ref().map(|r| r.etag.clone());
+            (self.file_key(&table, ino)?.1, remote_etag)
+        };
+        // No std lock held: the uploader takes its queue, then the file's state.
+        Ok(match local {
+            Some(file) => self.writeback.file_state(&file).to_string(),
+            None => crate::writeback::FileState::Clean { etag: remote_etag }.to_string(),
+        })
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, InodeTable> {
         self.inodes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -712,8 +731,9 @@ impl Filesystem {
         let growth = size.saturating_sub(file.size());
         self.cache.reserve(growth).await?;
         self.cache.set_len(&file, size)?;
-        if file.open_count() == 0 {
-            // `truncate(2)` of a closed file: as good as a close.
+        if !file.has_writers() {
+            // `truncate(2)` of a file no one writes (readers may have it open): as good as a
+            // close. A writer's close journals it otherwise.
             self.cache.journal_dirty(&file, false)?;
             self.writeback.enqueue(&file, false);
         }
@@ -1256,9 +1276,17 @@ impl Filesystem {
                 let end = offset.saturating_add(size as u64);
                 let span = crate::cache::fill_span(offset..end);
                 self.cache.fill(self.store.as_ref(), &file, span).await?;
-                Ok(Bytes::from(file.read_at(offset, size)?))
+                let data = file.read_at(offset, size)?;
+                metrics::counter!(crate::metrics::names::READ_BYTES, "source" => "cache")
+                    .increment(data.len() as u64);
+                Ok(Bytes::from(data))
             }
-            (Err(reader), None) => Ok(reader.lock().await.read(&self.store, offset, size).await?),
+            (Err(reader), None) => {
+                let data = reader.lock().await.read(&self.store, offset, size).await?;
+                metrics::counter!(crate::metrics::names::READ_BYTES, "source" => "s3")
+                    .increment(data.len() as u64);
+                Ok(data)
+            }
         }
     }
 

@@ -9,23 +9,31 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::error::{FsError, FsResult};
-use crate::fs::{Attr, FileKind, Filesystem, OpenMode, RenameFlags, SetAttr};
+use crate::fs::{Attr, FileKind, Filesystem, OpenMode, ROOT_INO, RenameFlags, SetAttr};
 
 /// Largest write the kernel sends in one request (fewer, larger requests for streaming writers).
 pub const MAX_WRITE: u32 = 1 << 20;
 /// Kernel read-ahead per file: large, so sequential readers send big requests.
 pub const MAX_READAHEAD: u32 = 1 << 20;
+/// Extended attribute of any file or symlink: where it stands on its way to S3 (`clean
+/// <etag>`, `dirty`, `uploading n/m`, `failed: <reason> …`).
+pub const STATE_XATTR: &str = "user.bucketfs.state";
+/// Extended attribute of the mount's root: the daemon's status report (`bucketfs status`).
+/// Neither is listed by `listxattr`, so tools that copy attributes (`cp -a`, `rsync -X`) do not
+/// copy them out of the mount.
+pub const STATUS_XATTR: &str = "user.bucketfs.status";
+
 /// Core operations in flight at once; beyond this, requests wait (back-pressure on the kernel
 /// queue rather than unbounded tasks and memory).
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -45,16 +53,18 @@ impl FuseAdapter {
         }
     }
 
-    /// Run `op` on the runtime inside `span`, then hand its result to `reply`.
+    /// Run `op` on the runtime inside its span, then hand its result to `reply`; the time
+    /// from here to the reply is the operation's latency.
     fn spawn<T, F>(
         &self,
-        span: tracing::Span,
+        Op { name, span }: Op,
         op: impl FnOnce(Arc<Filesystem>) -> F,
         reply: impl FnOnce(FsResult<T>) + Send + 'static,
     ) where
         F: Future<Output = FsResult<T>> + Send + 'static,
         T: Send + 'static,
     {
+        let start = Instant::now();
         let fut = op(self.fs.clone());
         let permits = self.permits.clone();
         self.runtime.spawn(
@@ -65,10 +75,22 @@ impl FuseAdapter {
                     log_error(e);
                 }
                 reply(result);
+                record_latency(name, start);
             }
             .instrument(span),
         );
     }
+}
+
+/// An operation's name (the `op` label of its latency) and tracing span.
+struct Op {
+    name: &'static str,
+    span: tracing::Span,
+}
+
+fn record_latency(op: &'static str, start: Instant) {
+    metrics::histogram!(crate::metrics::names::FUSE_OP_SECONDS, "op" => op)
+        .record(start.elapsed().as_secs_f64());
 }
 
 fn log_error(e: &FsError) {
@@ -127,7 +149,10 @@ fn time(t: TimeOrNow) -> SystemTime {
 
 macro_rules! span {
     ($op:literal, $req:expr $(, $field:ident = $value:expr)*) => {
-        tracing::debug_span!("fuse", op = $op, req = $req.unique().0, pid = $req.pid() $(, $field = $value)*)
+        Op {
+            name: $op,
+            span: tracing::debug_span!("fuse", op = $op, req = $req.unique().0, pid = $req.pid() $(, $field = $value)*),
+        }
     };
 }
 
@@ -483,7 +508,10 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _span = span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset).entered();
+        let start = Instant::now();
+        let _span = span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset)
+            .span
+            .entered();
         // Served from the snapshot taken at opendir: no I/O, answered inline.
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
@@ -499,6 +527,7 @@ impl fuser::Filesystem for FuseAdapter {
                 reply.error(errno(e));
             }
         }
+        record_latency("readdir", start);
     }
 
     fn releasedir(
@@ -523,6 +552,22 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         // Directory changes (mkdir, rmdir, rename, unlink) reach S3 before they return.
         reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Answered inline (both values come from memory): the kernel asks for
+        // `security.capability` before writes, and that answer must be quick.
+        let value = match name.to_str() {
+            Some(STATE_XATTR) => self.fs.upload_state(ino.0),
+            Some(STATUS_XATTR) if ino.0 == ROOT_INO => Ok(crate::service::report(&self.fs)),
+            _ => Err(FsError::errno(libc::ENODATA)),
+        };
+        match value {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(v.as_bytes()),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod helper;
 pub mod meta;
+pub mod metrics;
 pub mod mount;
 pub mod read;
 pub mod service;

@@ -3,14 +3,15 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use bucketfs::cli::{Cli, Command, MountArgs};
+use bucketfs::cli::{Cli, Command, LogFormat, MountArgs};
 use bucketfs::config::Config;
 use bucketfs::mount::{self, StartError};
-use bucketfs::{helper, service};
+use bucketfs::{helper, metrics, service};
 
 /// Set in the environment of the detached child that `--daemon` starts.
 const DAEMON_CHILD_ENV: &str = "BUCKETFS_DAEMON_CHILD";
@@ -27,7 +28,24 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Mount(args) => run_mount(args, std::env::args_os().skip(1).collect()),
+        Command::Mount(args) => run_mount(*args, std::env::args_os().skip(1).collect()),
+        Command::Health(args) => match service::health(&args.mountpoint, args.timeout) {
+            Ok(verdict) => {
+                println!("healthy: {verdict}");
+                ExitCode::SUCCESS
+            }
+            Err(reason) => {
+                println!("unhealthy: {reason}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status(args) => match service::query_status(&args.mountpoint, args.timeout) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(reason) => fail(reason),
+        },
     }
 }
 
@@ -62,7 +80,9 @@ fn run_helper() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(format!("mount options: {}", first_line(&e.to_string()))),
     };
-    let Command::Mount(args) = cli.command;
+    let Command::Mount(args) = cli.command else {
+        return fail("mount options: not a mount command");
+    };
     if invocation.fake {
         // -f: check the options, mount nothing.
         return match Config::from_args(&args) {
@@ -70,7 +90,7 @@ fn run_helper() -> ExitCode {
             Err(e) => fail(e),
         };
     }
-    run_mount(args, invocation.args)
+    run_mount(*args, invocation.args)
 }
 
 fn first_line(s: &str) -> &str {
@@ -89,7 +109,7 @@ fn run_mount(args: MountArgs, child_args: Vec<OsString>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    init_logging(&config.log_level);
+    init_logging(&config.log_level, config.log_format);
     if config.daemon && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
         return detach(child_args);
     }
@@ -109,9 +129,29 @@ fn run_mount(args: MountArgs, child_args: Vec<OsString>) -> ExitCode {
 
 async fn serve(mut config: Config) -> Result<bool, StartError> {
     mount::check_mountpoint(&config.mountpoint)?;
+    // The metrics port is bound first: a taken port fails the start, not the running mount.
+    let metrics = match config.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await.map_err(StartError)?;
+            Some((listener, metrics::install().map_err(StartError)?))
+        }
+        None => None,
+    };
     let store = mount::open_store(&config).await?;
     config.fs.conditional_writes = mount::conditional_writes(&config, store.as_ref()).await;
-    let mounted = mount::mount(&config, store, tokio::runtime::Handle::current())?;
+    let mounted = mount::mount(&config, store.clone(), tokio::runtime::Handle::current())?;
+    let health = metrics::Health::new(config.mountpoint.clone());
+    let observers = metrics.map(|(listener, handle)| {
+        let exporter = Arc::new(metrics::Exporter {
+            handle,
+            fs: mounted.fs.clone(),
+            health: health.clone(),
+        });
+        [
+            metrics::spawn_server(listener, exporter),
+            health.spawn_s3_probe(store),
+        ]
+    });
     // READY only once the kernel routes requests to us and the root answers.
     if !service::wait_until_answers(&config.mountpoint, MOUNT_ANSWER_TIMEOUT).await {
         tracing::warn!(
@@ -123,10 +163,17 @@ async fn serve(mut config: Config) -> Result<bool, StartError> {
     if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
         announce_ready();
     }
+    health.set_serving(true);
     let reporter = service::spawn_status_reporter(mounted.fs.clone(), "serving: ");
     mounted.wait().await;
+    health.set_serving(false);
     reporter.abort();
-    Ok(mounted.shutdown(config.drain_timeout).await)
+    // /metrics keeps answering during the drain (its progress is worth watching).
+    let synced = mounted.shutdown(config.drain_timeout).await;
+    for task in observers.into_iter().flatten() {
+        task.abort();
+    }
+    Ok(synced)
 }
 
 /// In the detached child: once the mount answers, tell the parent and let go of its pipe.
@@ -179,12 +226,16 @@ fn detach(child_args: Vec<OsString>) -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+/// Logs go to stderr (journald under systemd, `docker logs` in a container): plain text
+/// with colours only on a terminal, or one JSON object per line.
+fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }

@@ -12,7 +12,7 @@ use crate::cli::ConditionalWrites;
 use crate::config::{Config, Source};
 use crate::fs::Filesystem;
 use crate::fuse::FuseAdapter;
-use crate::store::{self, DirStore, ObjectStore, S3Store, StoreError};
+use crate::store::{self, DirStore, MeteredStore, ObjectStore, S3Store, StoreError};
 
 /// How long the start-up check may take before the endpoint counts as unreachable.
 const ACCESS_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -24,7 +24,8 @@ const SESSION_POLL: Duration = Duration::from_millis(200);
 #[error("{0}")]
 pub struct StartError(pub String);
 
-/// Build the store for `config.source` and check that it is usable.
+/// Build the store for `config.source` (metered: every request counts in the metrics) and
+/// check that it is usable.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartError> {
     let store: Arc<dyn ObjectStore> = match &config.source {
         Source::S3 { bucket, .. } => {
@@ -38,6 +39,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, StartEr
                 .map_err(|e| StartError(format!("cannot open {}: {e}", path.display())))?,
         ),
     };
+    let store: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(store));
     let what = store.describe();
     match tokio::time::timeout(ACCESS_CHECK_TIMEOUT, store.check_access()).await {
         Ok(Ok(())) => Ok(store),

@@ -1,6 +1,11 @@
-//! Telling a supervisor (systemd, `Type=notify`) how the daemon is doing.
+//! Telling a supervisor (systemd, `Type=notify`) and an operator (`bucketfs status`,
+//! `bucketfs health`) how the daemon is doing.
 //!
-//! Design: the sd_notify protocol is one datagram per message on the unix socket named by
+//! The operator's view is a text [`report`] the daemon serves as an extended attribute of the
+//! mount's root (`user.bucketfs.status`, see `crate::fuse`): it needs no socket or state file,
+//! reaches the daemon behind any mount point, and dies with it.
+//!
+//! Design of the supervisor side: the sd_notify protocol is one datagram per message on the unix socket named by
 //! `$NOTIFY_SOCKET` (a path, or an abstract name written with a leading `@`), each datagram a
 //! few `KEY=VALUE` lines. It is small enough to speak directly over
 //! [`std::os::unix::net::UnixDatagram`] instead of pulling in a crate. Without `$NOTIFY_SOCKET`
@@ -16,6 +21,7 @@
 //! Failures to send are logged once at debug level and otherwise ignored: a supervisor that
 //! stopped listening must never stop the mount.
 
+use std::fmt::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::Arc;
@@ -132,6 +138,61 @@ pub fn mount_answers(mountpoint: &Path) -> bool {
     st.f_type as i64 == FUSE_SUPER_MAGIC && std::fs::metadata(mountpoint).is_ok()
 }
 
+/// Run `probe` on its own thread and wait at most `timeout` for it: a hung FUSE daemon blocks
+/// `statfs` and `getxattr` forever, and a healthcheck or status query must answer anyway.
+fn within<T: Send + 'static>(
+    timeout: Duration,
+    probe: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(probe());
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+/// `bucketfs health`: whether the mount at `mountpoint` answers within `timeout`, as a one-line
+/// verdict.
+pub fn health(mountpoint: &Path, timeout: Duration) -> Result<String, String> {
+    let path = mountpoint.to_path_buf();
+    match within(timeout, move || mount_answers(&path)) {
+        Some(true) => Ok(format!("{} answers", mountpoint.display())),
+        Some(false) => Err(format!("{} is not a live FUSE mount", mountpoint.display())),
+        None => Err(format!(
+            "{} did not answer within {:?} (hung daemon?)",
+            mountpoint.display(),
+            timeout
+        )),
+    }
+}
+
+/// `bucketfs status`: the daemon's report when `path` is a bucketfs mount's root, or
+/// `path: <state>` for a file inside one.
+pub fn query_status(path: &Path, timeout: Duration) -> Result<String, String> {
+    use crate::fuse::{STATE_XATTR, STATUS_XATTR};
+    let owned = path.to_path_buf();
+    let answer = within(timeout, move || match xattr::get(&owned, STATUS_XATTR) {
+        Ok(Some(report)) => Ok((true, report)),
+        Ok(None) => xattr::get(&owned, STATE_XATTR).map(|state| (false, state.unwrap_or_default())),
+        Err(e) => Err(e),
+    });
+    let shown = path.display();
+    match answer {
+        None => Err(format!(
+            "{shown} did not answer within {timeout:?} (hung daemon?)"
+        )),
+        Some(Ok((true, report))) => Ok(String::from_utf8_lossy(&report).into_owned()),
+        Some(Ok((false, state))) if !state.is_empty() => {
+            Ok(format!("{shown}: {}\n", String::from_utf8_lossy(&state)))
+        }
+        Some(Ok(_)) => Err(format!("{shown} is not in a bucketfs mount")),
+        Some(Err(e)) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            Err(format!("{shown} is not in a bucketfs mount"))
+        }
+        Some(Err(e)) => Err(format!("{shown}: {e}")),
+    }
+}
+
 /// The mount is live: `READY=1` and a first status.
 pub fn ready(source: &str, mountpoint: &Path) {
     notify(&format!(
@@ -165,6 +226,56 @@ pub fn summary(fs: &Filesystem) -> String {
         stats.conflicts,
         plural(stats.conflicts),
     )
+}
+
+/// Dirty files listed one by one in a status report; the rest are counted. Keeps the report
+/// within an extended attribute's 64 KiB.
+const REPORT_FILES: usize = 200;
+
+/// The multi-line report of `bucketfs status` (served as the root's `user.bucketfs.status`):
+/// the summary, cache use, then each file not yet in S3 with its state, failures first.
+pub fn report(fs: &Filesystem) -> String {
+    use crate::writeback::FileState;
+    let mut out = String::new();
+    let dirty = fs.cache().dirty_files();
+    let (_, cached) = fs.cache().usage();
+    let _ = writeln!(out, "uploads: {}", summary(fs));
+    if let Some(oldest) = dirty.iter().filter_map(|f| f.dirty_since()).min() {
+        let _ = writeln!(
+            out,
+            "oldest change not in S3: {} ago",
+            humantime::format_duration(Duration::from_secs(oldest.elapsed().as_secs()))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "cache: {} of {} used",
+        human_bytes(cached),
+        human_bytes(fs.cache().limits().max_bytes)
+    );
+    let mut files: Vec<(u8, String, String, u64)> = dirty
+        .iter()
+        .map(|f| {
+            let state = fs.writeback().file_state(f);
+            let rank = match state {
+                FileState::Failed { .. } => 0,
+                FileState::Uploading { .. } => 1,
+                _ => 2,
+            };
+            (rank, f.key(), state.to_string(), f.size())
+        })
+        .collect();
+    files.sort();
+    if !files.is_empty() {
+        let _ = writeln!(out, "not yet in S3 (key, size, state):");
+    }
+    for (_, key, state, size) in files.iter().take(REPORT_FILES) {
+        let _ = writeln!(out, "  {key}  {}  {state}", human_bytes(*size));
+    }
+    if files.len() > REPORT_FILES {
+        let _ = writeln!(out, "  … and {} more", files.len() - REPORT_FILES);
+    }
+    out
 }
 
 fn plural(n: u64) -> &'static str {

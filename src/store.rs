@@ -24,11 +24,13 @@ pub mod conformance;
 mod dir;
 mod faulty;
 mod memory;
+mod metered;
 mod s3;
 
 pub use dir::DirStore;
 pub use faulty::{FaultyCall, FaultyOutcome, FaultyStore};
 pub use memory::MemoryStore;
+pub use metered::MeteredStore;
 pub use s3::{AddressingStyle, S3Config, S3Store};
 
 /// S3 refuses multipart uploads with more parts than this.

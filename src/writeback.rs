@@ -128,6 +128,33 @@ pub struct UploadStats {
     pub conflicts: u64,
 }
 
+/// Where a cached file stands on its way to S3 (`user.bucketfs.state`, `bucketfs status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileState {
+    /// The data equals the object with this ETag.
+    Clean { etag: Option<String> },
+    /// Changed, waiting for its upload (the quiet period, a writer's close, a free slot).
+    Dirty,
+    /// Being uploaded: parts done of parts (a single PUT is one part).
+    Uploading { done: u64, parts: u64 },
+    /// The last attempts failed; the data stays in the cache and is retried.
+    Failed { attempts: u32, error: String },
+}
+
+impl std::fmt::Display for FileState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileState::Clean { etag: Some(etag) } => write!(f, "clean {etag}"),
+            FileState::Clean { etag: None } => write!(f, "clean"),
+            FileState::Dirty => write!(f, "dirty"),
+            FileState::Uploading { done, parts } => write!(f, "uploading {done}/{parts}"),
+            FileState::Failed { attempts, error } => {
+                write!(f, "failed: {error} ({attempts} attempts, retrying)")
+            }
+        }
+    }
+}
+
 /// Handle to the uploader; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct WriteBack {
@@ -221,6 +248,37 @@ impl WriteBack {
                 last_log = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where `file` stands (see [`FileState`]).
+    pub fn file_state(&self, file: &Arc<LocalFile>) -> FileState {
+        // Lock order: the queue, then the file's state (as in `finish_queue`).
+        let q = self.queue();
+        if !file.is_dirty() {
+            return FileState::Clean { etag: file.etag() };
+        }
+        if q.running.contains_key(&file.id()) {
+            let size = file.size();
+            let part_size = self.inner.config.part_size;
+            return match file.journaled_upload() {
+                Some(record) => FileState::Uploading {
+                    done: record.parts.len() as u64,
+                    parts: size.div_ceil(record.part_size).max(1),
+                },
+                None if size <= part_size => FileState::Uploading { done: 0, parts: 1 },
+                None => FileState::Uploading {
+                    done: 0,
+                    parts: size.div_ceil(effective_part_size(size, part_size)),
+                },
+            };
+        }
+        match file.failures() {
+            0 => FileState::Dirty,
+            attempts => FileState::Failed {
+                attempts,
+                error: file.last_error().unwrap_or_default(),
+            },
         }
     }
 

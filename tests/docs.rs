@@ -1,6 +1,8 @@
 //! The documentation checks itself against the code:
-//! - every test that `docs/SEMANTICS.md` names as the proof of a claim exists;
-//! - every flag `bucketfs mount --help` lists is described in `docs/CONFIGURATION.md`.
+//! - every test that `docs/SEMANTICS.md` names as the proof of a claim, and that
+//!   `docs/OPERATIONS.md` names as exercising a recipe, exists;
+//! - every flag `bucketfs mount --help` lists is described in `docs/CONFIGURATION.md`;
+//! - every metric `src/metrics.rs` defines is described in `docs/OPERATIONS.md`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -28,7 +30,9 @@ fn test_names(doc: &str) -> BTreeSet<String> {
         .skip(1)
         .step_by(2)
         .filter(|w| {
-            w.split('_').count() >= 4
+            // `bucketfs_…` words are metric names (checked by `every_metric_is_in_operations_md`).
+            !w.starts_with("bucketfs_")
+                && w.split('_').count() >= 4
                 && w.chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         })
@@ -36,23 +40,33 @@ fn test_names(doc: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn every_test_semantics_md_cites_exists() {
-    let doc = read("docs/SEMANTICS.md");
+/// Every test `doc` cites exists in the sources (at least `min` are cited).
+fn check_cited_tests(doc_path: &str, min: usize) {
+    let doc = read(doc_path);
     let mut code = String::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     sources(&root.join("src"), &mut code);
     sources(&root.join("tests"), &mut code);
     let cited = test_names(&doc);
-    assert!(cited.len() >= 30, "only {} tests cited", cited.len());
+    assert!(cited.len() >= min, "only {} tests cited", cited.len());
     let missing: Vec<&String> = cited
         .iter()
         .filter(|name| !code.contains(&format!("fn {name}(")))
         .collect();
     assert!(
         missing.is_empty(),
-        "SEMANTICS.md cites tests that do not exist: {missing:?}"
+        "{doc_path} cites tests that do not exist: {missing:?}"
     );
+}
+
+#[test]
+fn every_test_semantics_md_cites_exists() {
+    check_cited_tests("docs/SEMANTICS.md", 30);
+}
+
+#[test]
+fn every_test_operations_md_cites_exists() {
+    check_cited_tests("docs/OPERATIONS.md", 15);
 }
 
 #[test]
@@ -79,5 +93,24 @@ fn every_mount_flag_is_in_configuration_md() {
     assert!(
         missing.is_empty(),
         "flags missing from CONFIGURATION.md: {missing:?}"
+    );
+}
+
+#[test]
+fn every_metric_is_in_operations_md() {
+    let doc = read("docs/OPERATIONS.md");
+    let code = read("src/metrics.rs");
+    let names: Vec<&str> = code
+        .split('"')
+        .filter(|w| w.starts_with("bucketfs_") && !w.contains(' '))
+        .collect();
+    assert!(names.len() >= 15, "parsed only {names:?}");
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|n| !doc.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from OPERATIONS.md: {missing:?}"
     );
 }

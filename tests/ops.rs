@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mount::{self, Mount};
+use common::proxy::FaultProxy;
+use common::s3::{self, Server};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -451,4 +453,269 @@ fn fstab_line_mounts_with_mount_8() {
     assert!(status.success(), "mount: {status}\n{}", d.log_text());
     assert!(mount::is_mounted(&mnt), "{}", d.log_text());
     d.write_unmount_and_check(&mnt);
+}
+
+// ---- metrics, health and status ---------------------------------------------------------------
+
+const SERVER: Server = Server::SeaweedFs;
+
+/// A mount of `bucket` through `proxy` (so a test can take S3 away) with `extra` flags.
+fn proxied_mount(bucket: &str, proxy: &FaultProxy, extra: &[&str]) -> Mount {
+    let mut cmd = mount::command();
+    cmd.arg("mount")
+        .arg(format!("s3://{bucket}/"))
+        .args(["--endpoint-url", &proxy.endpoint(), "--region", s3::REGION])
+        .args(extra)
+        .env("S3_ACCESS_KEY_ID", s3::access_key(SERVER))
+        .env("S3_SECRET_ACCESS_KEY", s3::secret_key(SERVER));
+    Mount::start(cmd)
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// `GET path` over HTTP/1.0: (status code, body); `None` if nothing listens.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// The value of one series (`name` or `name{labels}`, exactly as rendered) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn scrape(addr: &str) -> String {
+    let (code, text) = http_get(addr, "/metrics").expect("metrics endpoint answers");
+    assert_eq!(code, 200, "{text}");
+    text
+}
+
+/// `fsync` of a file of the mount, through a descriptor open for writing (no truncation).
+fn fsync(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .sync_all()
+}
+
+fn state_of(path: &Path) -> String {
+    let value = xattr::get(path, "user.bucketfs.state")
+        .unwrap_or_else(|e| panic!("getxattr {}: {e}", path.display()))
+        .unwrap_or_else(|| panic!("{} has no user.bucketfs.state", path.display()));
+    String::from_utf8(value).unwrap()
+}
+
+fn bucketfs(args: &[&str]) -> (bool, String) {
+    let out = mount::command().args(args).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_and_healthz_follows_s3_and_the_mount() {
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let proxy = FaultProxy::start(&s3::endpoint(SERVER));
+    let addr = free_addr();
+    let m = proxied_mount(
+        &bucket,
+        &proxy,
+        &["--metrics-addr", &addr, "--writeback-delay", "1h"],
+    );
+    let (code, body) = http_get(&addr, "/healthz").unwrap();
+    assert_eq!((code, body.trim()), (200, "ok"), "{}", m.log_text());
+    assert_eq!(http_get(&addr, "/nothing").unwrap().0, 404);
+
+    // A closed, not yet uploaded file is in the state gauges.
+    std::fs::write(m.join("a.bin"), vec![7u8; 100_000]).unwrap();
+    let text = scrape(&addr);
+    assert_eq!(sample(&text, "bucketfs_dirty_files"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "bucketfs_dirty_bytes"), Some(100_000.0));
+    assert_eq!(sample(&text, "bucketfs_upload_queue"), Some(1.0));
+    assert!(sample(&text, "bucketfs_oldest_dirty_seconds").unwrap() > 0.0);
+    assert_eq!(sample(&text, "bucketfs_cache_bytes"), Some(100_000.0));
+
+    // Uploaded: the request, byte and upload counters moved; the gauges are back to zero.
+    fsync(&m.join("a.bin")).unwrap();
+    std::fs::read(m.join("a.bin")).unwrap();
+    let text = scrape(&addr);
+    assert_eq!(sample(&text, "bucketfs_dirty_files"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "bucketfs_oldest_dirty_seconds"), Some(0.0));
+    assert_eq!(sample(&text, "bucketfs_uploads_total"), Some(1.0));
+    assert!(
+        sample(
+            &text,
+            "bucketfs_s3_requests_total{op=\"put\",outcome=\"ok\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(sample(&text, "bucketfs_s3_bytes_total{direction=\"up\"}").unwrap() >= 100_000.0);
+    assert!(sample(&text, "bucketfs_read_bytes_total{source=\"cache\"}").unwrap() >= 100_000.0);
+    assert!(sample(&text, "bucketfs_fuse_op_seconds_count{op=\"write\"}").unwrap() >= 1.0);
+    assert!(
+        sample(
+            &text,
+            "bucketfs_fuse_op_seconds_bucket{op=\"fsync\",le=\"+Inf\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(sample(&text, "bucketfs_s3_reachable"), Some(1.0));
+
+    // S3 goes away: /healthz says so within the probe interval, and recovers with S3.
+    proxy.set_down(true);
+    let mut last = String::new();
+    let down = wait_for(Duration::from_secs(40), || {
+        let (code, body) = http_get(&addr, "/healthz").unwrap();
+        last = body;
+        code == 503
+    });
+    assert!(
+        down,
+        "healthz stayed {last:?} with S3 down\n{}",
+        m.log_text()
+    );
+    assert!(last.contains("S3 does not answer"), "{last}");
+    assert_eq!(sample(&scrape(&addr), "bucketfs_s3_reachable"), Some(0.0));
+    proxy.set_down(false);
+    let up = wait_for(Duration::from_secs(40), || {
+        http_get(&addr, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+    assert!(up, "healthz did not recover\n{}", m.log_text());
+
+    // Once the daemon has exited, nothing listens.
+    assert!(m.stop().success());
+    assert!(http_get(&addr, "/healthz").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_the_state_attribute_follow_a_file_to_s3() {
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let client = s3::sdk_client(SERVER).await;
+    let proxy = FaultProxy::start(&s3::endpoint(SERVER));
+    let m = proxied_mount(&bucket, &proxy, &["--writeback-delay", "1h"]);
+    let mnt = m.path().to_str().unwrap().to_string();
+    let file = m.join("report.txt");
+    std::fs::write(&file, b"quarterly figures").unwrap();
+    std::fs::create_dir(m.join("dir")).unwrap();
+
+    assert_eq!(state_of(&file), "dirty");
+    assert_eq!(state_of(&m.join("dir")), "directory");
+    let (ok, report) = bucketfs(&["status", &mnt]);
+    assert!(ok, "{report}");
+    assert!(report.contains("1 dirty file"), "{report}");
+    assert!(report.contains("report.txt  17 B  dirty"), "{report}");
+    let (ok, one) = bucketfs(&["status", file.to_str().unwrap()]);
+    assert!(ok, "{one}");
+    assert_eq!(one.trim(), format!("{}: dirty", file.display()));
+
+    // S3 unreachable: the upload fails, fsync says EIO, and the state carries the reason.
+    proxy.set_down(true);
+    let err = fsync(&file).expect_err("fsync while S3 is down");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let failed = state_of(&file);
+    assert!(failed.starts_with("failed: "), "{failed}");
+    let (_, report) = bucketfs(&["status", &mnt]);
+    assert!(report.contains("report.txt  17 B  failed: "), "{report}");
+
+    // Back: uploaded, and the state names the object's ETag as S3 reports it.
+    proxy.set_down(false);
+    fsync(&file).unwrap();
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key("report.txt")
+        .send()
+        .await
+        .unwrap();
+    let etag = head.e_tag().unwrap().trim_matches('"').to_string();
+    assert_eq!(state_of(&file), format!("clean {etag}"));
+    let (_, report) = bucketfs(&["status", &mnt]);
+    assert!(report.contains("0 dirty files"), "{report}");
+    assert!(!report.contains("report.txt"), "{report}");
+
+    // Outside a bucketfs mount, status says so and fails.
+    let plain = tempfile::tempdir().unwrap();
+    let (ok, text) = bucketfs(&["status", plain.path().to_str().unwrap()]);
+    assert!(!ok && text.contains("not in a bucketfs mount"), "{text}");
+    assert!(m.stop().success());
+}
+
+// ---- logs ---------------------------------------------------------------------------------------
+
+/// A run at the most verbose level, from a refused start with a wrong secret to a full mount,
+/// upload, listing and drain: no log line holds the secret key, in text or JSON; JSON lines
+/// are each one object.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_never_hold_a_secret_and_json_lines_parse() {
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let secret = s3::secret_key(SERVER);
+    let wrong_secret = "bucketfs-wrong-secret-Zq8X";
+
+    // A refused start (wrong secret) prints its reason, not the secret.
+    let dir = tempfile::tempdir().unwrap();
+    let out = mount::s3_command(SERVER, &bucket, "")
+        .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env("S3_SECRET_ACCESS_KEY", wrong_secret)
+        .env("BUCKETFS_LOG", "trace")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(text.contains("S3_SECRET_ACCESS_KEY"), "{text}");
+    assert!(
+        !text.contains(wrong_secret),
+        "the wrong secret is in the log:\n{text}"
+    );
+
+    for format in ["text", "json"] {
+        let mut cmd = mount::s3_command(SERVER, &bucket, "logs");
+        cmd.args(["--log-format", format])
+            .env("BUCKETFS_LOG", "trace");
+        let m = Mount::start(cmd);
+        std::fs::write(m.join("f.txt"), b"x").unwrap();
+        fsync(&m.join("f.txt")).unwrap();
+        std::fs::read_dir(m.path()).unwrap().for_each(drop);
+        let (status, log) = m.stop_with_log();
+        assert!(status.success(), "{log}");
+        assert!(
+            log.lines().count() > 20,
+            "a trace log of a whole run:\n{log}"
+        );
+        assert!(
+            !log.contains(&secret),
+            "the secret key is in the {format} log"
+        );
+        if format == "json" {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let value: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    value.get("level").is_some() && value.get("fields").is_some(),
+                    "{line}"
+                );
+            }
+        }
+    }
 }

@@ -28,6 +28,9 @@ pub(super) struct State {
     pub generation: u64,
     /// The generation known to be in S3.
     pub clean_generation: u64,
+    /// When the file last went from clean to dirty (None while clean): the age of the oldest
+    /// change not yet in S3.
+    pub dirty_since: Option<Instant>,
     /// The name was unlinked: never upload again.
     pub unlinked: bool,
     /// Open descriptors (an open file is never evicted), and how many of them may write (a
@@ -56,6 +59,16 @@ pub(super) struct State {
     /// Consecutive failed upload attempts, and the last failure.
     pub failures: u32,
     pub last_error: Option<String>,
+}
+
+impl State {
+    /// A change: the next generation. A clean file turns dirty now.
+    pub fn bump(&mut self) {
+        if self.generation == self.clean_generation {
+            self.dirty_since = Some(Instant::now());
+        }
+        self.generation += 1;
+    }
 }
 
 #[derive(Debug)]
@@ -104,6 +117,7 @@ impl LocalFile {
                 meta: PosixMeta::default(),
                 generation: 0,
                 clean_generation: 0,
+                dirty_since: None,
                 unlinked: false,
                 open: 0,
                 writers: 0,
@@ -156,6 +170,14 @@ impl LocalFile {
     pub fn is_dirty(&self) -> bool {
         let s = self.state();
         s.generation != s.clean_generation && !s.unlinked
+    }
+
+    /// When the oldest change not yet in S3 was made (None: clean, or unlinked).
+    pub fn dirty_since(&self) -> Option<Instant> {
+        let s = self.state();
+        (s.generation != s.clean_generation && !s.unlinked)
+            .then_some(s.dirty_since)
+            .flatten()
     }
 
     pub fn is_unlinked(&self) -> bool {
@@ -258,6 +280,7 @@ impl LocalFile {
             return false;
         }
         s.clean_generation = snapshot.generation;
+        s.dirty_since = None;
         s.etag = Some(etag);
         s.upload = None;
         s.failures = 0;
@@ -268,7 +291,7 @@ impl LocalFile {
 
     pub fn mark_dirty(&self) {
         let mut s = self.state();
-        s.generation += 1;
+        s.bump();
         s.mtime = SystemTime::now();
     }
 
@@ -392,7 +415,7 @@ impl LocalFile {
         s: &mut State,
         on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
     ) -> io::Result<()> {
-        s.generation += 1;
+        s.bump();
         if s.upload.take().is_some() {
             on_void(self, s)?;
         }

@@ -105,11 +105,15 @@ impl Mount {
         let log = dirs.path().join("bucketfs.log");
         std::fs::create_dir_all(&mountpoint).expect("mkdir mountpoint");
         let log_file = std::fs::File::create(&log).expect("log file");
-        cmd.arg(&mountpoint)
-            .arg("--cache-dir")
-            .arg(cache)
-            .args(["--log-level", "bucketfs=debug,info"])
-            .stdin(Stdio::null())
+        cmd.arg(&mountpoint).arg("--cache-dir").arg(cache);
+        // Debug logs of our own code, unless the test chose a level through BUCKETFS_LOG.
+        if !cmd
+            .get_envs()
+            .any(|(k, v)| k == "BUCKETFS_LOG" && v.is_some())
+        {
+            cmd.args(["--log-level", "bucketfs=debug,info"]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file);
         let child = cmd.spawn().expect("spawn bucketfs");
@@ -164,6 +168,16 @@ impl Mount {
             self.log_text()
         );
         status
+    }
+
+    /// [`Mount::stop`], also returning the daemon's whole log (which goes with the guard).
+    pub fn stop_with_log(mut self) -> (ExitStatus, String) {
+        let status = self.terminate().expect("daemon already stopped");
+        assert!(
+            !is_mounted(&self.mountpoint),
+            "still mounted after the daemon exited ({status})"
+        );
+        (status, self.log_text())
     }
 
     /// SIGKILL the daemon (a crash) and clear the dead mount it leaves.
