@@ -345,7 +345,7 @@ impl Cache {
         if s.generation != s.clean_generation {
             // An upload under the old key is void: the generation bump makes it abort, and a
             // journaled multipart upload (addressed by key) must not be resumed.
-            s.upload = None;
+            s.drop_upload();
             s.generation += 1;
             s.base = base;
         }
@@ -435,6 +435,74 @@ impl Cache {
     /// `ftruncate` of `file`, with the same journal rule as `write`.
     pub fn set_len(&self, file: &LocalFile, size: u64) -> io::Result<()> {
         file.set_len_with(size, |f, s| self.journal.write(&f.record_locked(s), true))
+    }
+
+    // ---- the streaming uploader's bookkeeping (see `crate::writeback::stream`) ------------
+
+    /// Mark `file` as streamed; false if it already is, or cannot be (a sparse staging, whose
+    /// parts may be server-side copies decided only at close; an unlinked file).
+    pub fn begin_streaming(&self, file: &LocalFile) -> bool {
+        let mut s = file.state();
+        if s.streaming || !s.missing.is_empty() || s.unlinked {
+            return false;
+        }
+        s.streaming = true;
+        true
+    }
+
+    pub fn end_streaming(&self, file: &LocalFile) {
+        file.state().streaming = false;
+    }
+
+    /// Adopt `record` (a fresh multipart upload) as `file`'s upload in progress, if it has none.
+    pub fn start_streamed_upload(
+        &self,
+        file: &LocalFile,
+        record: UploadRecord,
+    ) -> io::Result<bool> {
+        let mut s = file.state();
+        if s.upload.is_some() || s.unlinked {
+            return Ok(false);
+        }
+        s.upload = Some(record);
+        s.claimed = 0;
+        if s.journaled {
+            self.journal.write(&file.record_locked(&s), true)?;
+        }
+        Ok(true)
+    }
+
+    /// Commit bytes `[0, end)` of `file` to its upload `upload_id` before their parts are sent:
+    /// from now on a change below `end` voids the upload. False if the upload was voided.
+    pub fn claim_for_upload(&self, file: &LocalFile, upload_id: &str, end: u64) -> bool {
+        let mut s = file.state();
+        if s.upload.as_ref().is_none_or(|u| u.upload_id != upload_id) {
+            return false;
+        }
+        s.claimed = s.claimed.max(end);
+        true
+    }
+
+    /// Record part `number` of upload `upload_id` as sent (journaled, fsync'd, if the file is).
+    /// False if the upload was voided meanwhile: the part must not be trusted.
+    pub fn record_streamed_part(
+        &self,
+        file: &LocalFile,
+        upload_id: &str,
+        number: u32,
+        etag: String,
+    ) -> io::Result<bool> {
+        let mut s = file.state();
+        let Some(upload) = s.upload.as_mut().filter(|u| u.upload_id == upload_id) else {
+            return Ok(false);
+        };
+        upload.parts.retain(|(n, _)| *n != number);
+        upload.parts.push((number, etag));
+        upload.parts.sort();
+        if s.journaled {
+            self.journal.write(&file.record_locked(&s), true)?;
+        }
+        Ok(true)
     }
 
     /// Record the multipart upload in progress for data generation `generation` (durably: it

@@ -44,7 +44,7 @@ use crate::meta::PosixMeta;
 use crate::read::Reader;
 use crate::store::{ListRequest, ObjectStore, PutOptions, StoreError};
 use crate::writeback::{WriteBack, WriteBackConfig};
-use inode::InodeTable;
+use inode::{DataVersion, InodeTable};
 
 /// Directories with at most this many entries keep their names for negative lookups.
 const LISTING_MAX: usize = 10_000;
@@ -52,9 +52,10 @@ const LISTING_MAX: usize = 10_000;
 /// Missing names remembered at once (each a few dozen bytes).
 const NEGATIVE_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
 
-/// HEADs in flight while `opendir` reads its entries' stored attributes: enough to hide the
-/// round trip, few enough not to crowd out the uploads sharing the connection pool.
-const META_FETCH_CONCURRENCY: usize = 32;
+/// HEADs in flight while `opendir` reads its entries' stored attributes: `ls -l` of a large
+/// directory is bound by them (docs/BENCHMARKS.md), so many; a HEAD is a small request, and
+/// the uploads sharing the connection pool still get their turn.
+const META_FETCH_CONCURRENCY: usize = 64;
 
 /// Copies (and deletes) in flight during a directory rename.
 const RENAME_CONCURRENCY: usize = 16;
@@ -1086,6 +1087,7 @@ impl Filesystem {
         node.open_handles += 1;
         node.remote = None;
         node.validated = None;
+        node.kernel_data = Some(DataVersion::Local(local.id()));
         if (mode & 0o7777) as u16 != self.config.file_mode {
             self.cache
                 .change_meta(&local, |m| m.set_perm(mode, libc::S_IFREG))?;
@@ -1103,6 +1105,15 @@ impl Filesystem {
     }
 
     pub async fn open(&self, ino: Ino, mode: OpenMode) -> FsResult<u64> {
+        Ok(self.open_keeping_cache(ino, mode).await?.0)
+    }
+
+    /// `open`, also saying whether the kernel may keep the pages it cached for the inode (FUSE's
+    /// `FOPEN_KEEP_CACHE`): yes when this open serves the data version the previous open of
+    /// the inode served — the same local data file (every change to it since went through the
+    /// kernel, so its pages are current) or the same object version. Otherwise the kernel
+    /// drops them. A re-read of an unchanged file is then served from memory.
+    pub async fn open_keeping_cache(&self, ino: Ino, mode: OpenMode) -> FsResult<(u64, bool)> {
         if mode.write {
             self.writable()?;
         }
@@ -1119,27 +1130,33 @@ impl Filesystem {
                 .filter(|_| self.is_fresh(node.validated));
             (key, local, remote)
         };
-        let local = match local {
-            Some(local) => self.still_current(&key, local, remote.as_ref()).await?,
-            None => None,
+        let (local, remote) = match local {
+            Some(local) => match self.still_current(&key, local, remote.as_ref()).await? {
+                Some(local) => (Some(local), remote),
+                // S3 has another version than the copy: the table's may be older still.
+                None => (None, None),
+            },
+            None => (None, remote),
         };
         let local = match local {
             Some(local) => Some(local),
             None if mode.write => Some(self.stage(ino, mode.truncate).await?),
             None => None,
         };
-        let handle = match local {
+        let (handle, version) = match local {
             Some(file) => {
                 if mode.truncate && file.size() > 0 {
                     self.cache.set_len(&file, 0)?;
                 }
                 file.opened(mode.write);
-                Handle::Local {
+                let version = DataVersion::Local(file.id());
+                let handle = Handle::Local {
                     ino,
                     file,
                     append: mode.append,
                     write: mode.write,
-                }
+                };
+                (handle, version)
             }
             None => {
                 // Pin the version we open: the ETag from a fresh HEAD unless just validated.
@@ -1153,17 +1170,22 @@ impl Filesystem {
                         Remote::from(&head)
                     }
                 };
+                let version = DataVersion::Object(remote.etag.clone());
                 let reader = Reader::new(key, remote.etag, remote.size);
-                Handle::Remote {
+                let handle = Handle::Remote {
                     ino,
                     reader: Arc::new(tokio::sync::Mutex::new(reader)),
-                }
+                };
+                (handle, version)
             }
         };
+        let mut keep_cache = false;
         if let Some(node) = self.table().get_mut(ino) {
             node.open_handles += 1;
+            keep_cache = node.kernel_data.as_ref() == Some(&version);
+            node.kernel_data = Some(version);
         }
-        Ok(self.insert_handle(handle))
+        Ok((self.insert_handle(handle), keep_cache))
     }
 
     /// A clean cached copy is served only while its ETag is the object's: when the attributes
@@ -1181,8 +1203,10 @@ impl Filesystem {
             return Ok(Some(local));
         };
         let current = match fresh_remote {
-            Some(r) => Some(r.etag.clone()),
-            None => match self.store.head(key).await {
+            Some(r) if r.etag == etag => return Ok(Some(local)),
+            // Unknown, or different: the table may predate our own latest upload of this file
+            // (the uploader does not update it), so only S3 can say the copy is stale.
+            _ => match self.store.head(key).await {
                 Ok(meta) => Some(meta.etag),
                 Err(StoreError::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),
@@ -1309,6 +1333,7 @@ impl Filesystem {
             self.cache.reserve(growth).await?;
         }
         self.cache.write(&file, offset, data, append)?;
+        self.writeback.written(&file);
         Ok(data.len() as u32)
     }
 

@@ -367,9 +367,10 @@ impl fuser::Filesystem for FuseAdapter {
         let mode = OpenMode::from_flags(flags.0);
         self.spawn(
             span!("open", req, ino = ino.0),
-            |fs| async move { fs.open(ino.0, mode).await },
+            |fs| async move { fs.open_keeping_cache(ino.0, mode).await },
             move |r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok((fh, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
             },
         );

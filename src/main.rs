@@ -128,6 +128,7 @@ fn run_mount(args: MountArgs, child_args: Vec<OsString>) -> ExitCode {
 }
 
 async fn serve(mut config: Config) -> Result<bool, StartError> {
+    let signals = mount::StopSignals::catch();
     mount::check_mountpoint(&config.mountpoint)?;
     // The metrics port is bound first: a taken port fails the start, not the running mount.
     let metrics = match config.metrics_addr {
@@ -165,7 +166,7 @@ async fn serve(mut config: Config) -> Result<bool, StartError> {
     }
     health.set_serving(true);
     let reporter = service::spawn_status_reporter(mounted.fs.clone(), "serving: ");
-    mounted.wait().await;
+    mounted.wait(signals).await;
     health.set_serving(false);
     reporter.abort();
     // /metrics keeps answering during the drain (its progress is worth watching).

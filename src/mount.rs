@@ -178,15 +178,37 @@ pub enum Stop {
     Unmounted,
 }
 
-impl Mounted {
-    /// Wait for SIGTERM/SIGINT or for the mount to be removed from outside.
-    pub async fn wait(&self) -> Stop {
+/// SIGTERM and SIGINT, caught from the start of `serve` (before mounting): a stop requested
+/// while the mount comes up (a supervisor or test that stops it at once) is then a clean drain
+/// and unmount as soon as the mount is up, instead of the default action killing the process
+/// and leaving a dead mount behind.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Catch the signals now (inside the runtime). `None` if that fails (logged).
+    pub fn catch() -> Option<StopSignals> {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; serving until unmounted");
+        ) {
+            (Ok(term), Ok(int)) => Some(StopSignals { term, int }),
+            _ => {
+                tracing::error!("cannot install signal handlers; serving until unmounted");
+                None
+            }
+        }
+    }
+}
+
+impl Mounted {
+    /// Wait for SIGTERM/SIGINT (caught by `signals`) or for the mount to be removed from
+    /// outside.
+    pub async fn wait(&self, signals: Option<StopSignals>) -> Stop {
+        let Some(StopSignals { mut term, mut int }) = signals else {
             return self.wait_unmounted().await;
         };
         tokio::select! {

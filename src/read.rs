@@ -1,34 +1,81 @@
-//! Reading an object that is not in the local cache: ranged GETs with a read-ahead window.
+//! Reading an object that is not in the local cache: ranged GETs with a parallel read-ahead.
 //!
-//! One [`Reader`] per open handle. Sequential reads double the window (from 1 MiB up to 32 MiB),
-//! so a streaming reader makes few large GETs; a read elsewhere drops back to fetching just what
-//! was asked, so random access does not drag in megabytes it will never use. Every GET carries
-//! `If-Match` with the ETag seen at open: if the object is replaced while the file is open, reads
-//! fail (`PreconditionFailed`, surfaced as `ESTALE`) instead of mixing two versions.
+//! One [`Reader`] per open handle. A reader keeps a queue of *chunks*: contiguous ranges of the
+//! object just ahead of the read position, each fetched by its own GET task. Sequential reads
+//! double the read-ahead window (from `MIN_AHEAD` up to `MAX_AHEAD`); a window wider than
+//! `CHUNK` is fetched as several GETs in flight at once, which is what fills a fast link (one
+//! GET stream is limited by its round trips). The first read after open or a seek is one small
+//! GET, so first-byte latency does not pay for read-ahead; a read far from the stream (random
+//! access) drops the queue and fetches just what was asked, so random readers do not drag in
+//! megabytes they never use. Memory per handle is bounded by `MAX_AHEAD + CHUNK`.
+//!
+//! Every GET carries `If-Match` with the ETag seen at open: if the object is replaced while the
+//! file is open, reads fail (`PreconditionFailed`, surfaced as `ESTALE`) instead of mixing two
+//! versions.
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use tokio::task::JoinHandle;
 
-use crate::store::{ObjectStore, Result};
+use crate::store::{ObjectStore, Result, StoreError};
 
-/// First window of a sequential reader: one small GET before the pattern is known.
-const MIN_WINDOW: u64 = 1 << 20;
-/// Largest window: bounds the memory of one open handle.
-const MAX_WINDOW: u64 = 32 << 20;
+/// First read-ahead window of a sequential reader.
+const MIN_AHEAD: u64 = 1 << 20;
+/// Largest read-ahead window: 8 GETs of `CHUNK` in flight, enough to saturate loopback S3 here
+/// (docs/BENCHMARKS.md), and a bound on one open handle's memory.
+const MAX_AHEAD: u64 = 32 << 20;
+/// Largest single read-ahead GET; wider windows are split into GETs of this size.
+const CHUNK: u64 = 4 << 20;
+
+/// A range of the object, being fetched or fetched.
+#[derive(Debug)]
+struct Chunk {
+    range: Range<u64>,
+    fetch: Fetch,
+}
+
+#[derive(Debug)]
+enum Fetch {
+    Pending(JoinHandle<Result<Bytes>>),
+    Ready(Bytes),
+}
+
+impl Chunk {
+    /// The chunk's bytes, waiting for its GET if needed.
+    async fn bytes(&mut self) -> Result<Bytes> {
+        if let Fetch::Pending(task) = &mut self.fetch {
+            let data = task
+                .await
+                .map_err(|e| StoreError::Other(format!("read-ahead task: {e}")))??;
+            self.fetch = Fetch::Ready(data);
+        }
+        match &self.fetch {
+            Fetch::Ready(data) => Ok(data.clone()),
+            Fetch::Pending(_) => unreachable!("just resolved"),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Reader {
     key: String,
     etag: String,
     size: u64,
-    /// Bytes `buffer_start..buffer_start + buffer.len()` of the object.
-    buffer_start: u64,
-    buffer: Bytes,
-    /// The next window to fetch when reading sequentially.
-    window: u64,
-    /// Where the previous read ended (a read starting here is sequential).
+    /// Contiguous, ascending chunks around and ahead of the read position.
+    chunks: VecDeque<Chunk>,
+    /// Bytes to keep fetched or in flight past the end of the latest sequential read.
+    ahead: u64,
+    /// Where the previous read ended.
     last_end: u64,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl Reader {
@@ -37,15 +84,53 @@ impl Reader {
             key,
             etag,
             size,
-            buffer_start: 0,
-            buffer: Bytes::new(),
-            window: MIN_WINDOW,
+            chunks: VecDeque::new(),
+            ahead: MIN_AHEAD,
             last_end: 0,
         }
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Drop every chunk, cancelling GETs in flight.
+    fn clear(&mut self) {
+        for chunk in self.chunks.drain(..) {
+            if let Fetch::Pending(task) = chunk.fetch {
+                task.abort();
+            }
+        }
+    }
+
+    fn fetched_from(&self) -> Option<u64> {
+        self.chunks.front().map(|c| c.range.start)
+    }
+
+    fn fetched_to(&self) -> Option<u64> {
+        self.chunks.back().map(|c| c.range.end)
+    }
+
+    /// Whether a read at `offset` continues the stream: inside the chunks, or at most one
+    /// window past the previous read (the kernel sends a file's reads concurrently, and they
+    /// may arrive slightly out of order).
+    fn continues_stream(&self, offset: u64) -> bool {
+        let in_chunks = self
+            .fetched_from()
+            .zip(self.fetched_to())
+            .is_some_and(|(from, to)| (from..to).contains(&offset));
+        in_chunks || (offset >= self.last_end && offset <= self.last_end + self.ahead)
+    }
+
+    /// Start a GET for `range`.
+    fn spawn_fetch(&self, store: &Arc<dyn ObjectStore>, range: Range<u64>) -> Chunk {
+        let (store, key, etag) = (store.clone(), self.key.clone(), self.etag.clone());
+        let fetched = range.clone();
+        let task = tokio::spawn(async move { store.get_range(&key, fetched, Some(&etag)).await });
+        Chunk {
+            range,
+            fetch: Fetch::Pending(task),
+        }
     }
 
     /// Up to `len` bytes at `offset` (fewer at the end of the object).
@@ -59,37 +144,77 @@ impl Reader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let sequential = offset == self.last_end;
+        let sequential = self.continues_stream(offset);
         self.last_end = end;
-        let buffered_end = self.buffer_start + self.buffer.len() as u64;
-        if offset >= self.buffer_start && end <= buffered_end {
-            let from = (offset - self.buffer_start) as usize;
-            return Ok(self.buffer.slice(from..from + (end - offset) as usize));
+        if !sequential {
+            // Random access: just what was asked, one GET; a sequential read from its end on
+            // starts a new stream.
+            self.clear();
+            self.ahead = MIN_AHEAD;
+            let data = store
+                .get_range(&self.key, offset..end, Some(&self.etag))
+                .await?;
+            self.chunks.push_back(Chunk {
+                range: offset..offset + data.len() as u64,
+                fetch: Fetch::Ready(data.clone()),
+            });
+            return Ok(data);
         }
-        let fetch = if sequential {
-            let w = self.window;
-            self.window = (self.window * 2).min(MAX_WINDOW);
-            w.max(end - offset)
-        } else {
-            self.window = MIN_WINDOW;
-            end - offset
-        };
-        let fetch_end = (offset + fetch).min(self.size);
-        let data = store
-            .get_range(&self.key, offset..fetch_end, Some(&self.etag))
-            .await?;
-        let n = (end - offset).min(data.len() as u64) as usize;
-        let out = data.slice(..n);
-        self.buffer_start = offset;
-        self.buffer = data;
-        Ok(out)
+        // Forget what the reader has passed; schedule the window past this read.
+        while self.chunks.front().is_some_and(|c| c.range.end <= offset) {
+            self.chunks.pop_front();
+        }
+        let target = (end + self.ahead).min(self.size);
+        let piece = self.ahead.min(CHUNK);
+        let mut next = self.fetched_to().unwrap_or(offset);
+        while next < target {
+            let range = next..(next + piece).min(self.size);
+            next = range.end;
+            let chunk = self.spawn_fetch(store, range);
+            self.chunks.push_back(chunk);
+        }
+        self.ahead = (self.ahead * 2).min(MAX_AHEAD);
+        match self.copy_out(offset..end).await {
+            Ok(data) => Ok(data),
+            Err(e) => {
+                self.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// The bytes of `want` from the chunks (which cover it), waiting for their GETs.
+    async fn copy_out(&mut self, want: Range<u64>) -> Result<Bytes> {
+        let mut parts = Vec::new();
+        for chunk in self.chunks.iter_mut() {
+            if chunk.range.end <= want.start {
+                continue;
+            }
+            if chunk.range.start >= want.end {
+                break;
+            }
+            let data = chunk.bytes().await?;
+            let from = want.start.max(chunk.range.start) - chunk.range.start;
+            let to = (want.end.min(chunk.range.end) - chunk.range.start).min(data.len() as u64);
+            parts.push(data.slice(from as usize..to.max(from) as usize));
+        }
+        Ok(match parts.len() {
+            1 => parts.pop().unwrap_or_default(),
+            _ => {
+                let mut out = BytesMut::with_capacity((want.end - want.start) as usize);
+                for p in parts {
+                    out.extend_from_slice(&p);
+                }
+                out.freeze()
+            }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Body, MemoryStore, PutOptions, StoreError};
+    use crate::store::{Body, FaultyStore, MemoryStore, PutOptions, StoreError};
 
     #[tokio::test]
     async fn sequential_and_random_reads_return_the_right_bytes() {
@@ -118,6 +243,53 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A sequential reader has several GETs in flight once its window passes one chunk, and
+    /// makes far fewer GETs than reads; a random reader fetches exactly what it asks for.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sequential_reads_fetch_ahead_in_parallel_and_random_reads_do_not() {
+        let memory: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let data: Vec<u8> = (0..(24u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let etag = memory
+            .put(
+                "k",
+                Body::Bytes(data.clone().into()),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        let faulty = Arc::new(FaultyStore::new(memory));
+        faulty.set_latency(std::time::Duration::from_millis(20));
+        let store: Arc<dyn ObjectStore> = faulty.clone();
+
+        let mut r = Reader::new("k".into(), etag.clone(), data.len() as u64);
+        let mut off = 0usize;
+        let mut reads = 0;
+        while off < data.len() {
+            let got = r.read(&store, off as u64, 131_072).await.unwrap();
+            assert_eq!(&got[..], &data[off..off + got.len()], "at {off}");
+            off += got.len();
+            reads += 1;
+        }
+        let gets = faulty.calls("get_range");
+        assert!(gets * 10 < reads, "{gets} GETs for {reads} reads");
+        assert!(
+            faulty.max_in_flight("get_range") >= 4,
+            "{}",
+            faulty.max_in_flight("get_range")
+        );
+
+        // Random 4 KiB reads: one GET each, of 4 KiB.
+        faulty.reset_counters();
+        let mut r = Reader::new("k".into(), etag, data.len() as u64);
+        for i in 1..=20u64 {
+            let at = (i * 7_919_993) % (data.len() as u64 - 4096);
+            let got = r.read(&store, at, 4096).await.unwrap();
+            assert_eq!(&got[..], &data[at as usize..at as usize + 4096]);
+        }
+        assert_eq!(faulty.calls("get_range"), 20);
+        assert_eq!(faulty.max_in_flight("get_range"), 1);
     }
 
     #[tokio::test]

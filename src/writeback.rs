@@ -35,7 +35,9 @@ use tokio::time::Instant;
 use crate::cache::journal::UploadRecord;
 use crate::cache::{Base, Cache, FillError, LocalFile, Snapshot};
 use crate::fs::NAME_MAX;
-use crate::store::{Body, CompletedPart, Condition, ObjectStore, PutOptions, StoreError};
+use crate::store::{
+    Body, CompletedPart, Condition, MAX_PARTS, ObjectStore, PutOptions, StoreError,
+};
 use crate::upload::{effective_part_size, plan_parts};
 
 /// First retry delay after a transient failure; doubles per failure up to `MAX_BACKOFF`.
@@ -45,6 +47,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PERMANENT_RETRY: Duration = Duration::from_secs(60);
 /// The scheduler re-scans at least this often.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// A file being written is streamed once it holds this many parts (with fewer, the close
+/// sends it in one go about as fast).
+const STREAM_MIN_PARTS: u64 = 2;
+/// How often the streaming uploader looks for newly complete parts of a file being written.
+const STREAM_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct WriteBackConfig {
@@ -192,7 +199,9 @@ impl WriteBack {
     /// queued keeps the earlier of the two times, except that a plain enqueue restarts the
     /// quiet period (the file was just written again).
     pub fn enqueue(&self, file: &Arc<LocalFile>, now: bool) {
-        let at = if now {
+        // A file whose parts were streamed while it was written goes at once: the quiet period
+        // would only delay an upload that is mostly done.
+        let at = if now || file.journaled_upload().is_some() {
             Instant::now()
         } else {
             Instant::now() + self.inner.config.delay
@@ -203,6 +212,28 @@ impl WriteBack {
         entry.2 |= now;
         drop(q);
         self.inner.wake.notify_one();
+    }
+
+    /// `file`, open for writing, was just written: once it holds `STREAM_MIN_PARTS` parts, start
+    /// streaming its complete parts to S3 while the writer goes on (see [`stream`]).
+    pub fn written(&self, file: &Arc<LocalFile>) {
+        let threshold = STREAM_MIN_PARTS * self.inner.config.part_size;
+        if file.size() < threshold || !file.has_writers() {
+            return;
+        }
+        if !self.inner.cache.begin_streaming(file) {
+            return;
+        }
+        let (inner, file) = (self.inner.clone(), file.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stream(&inner, &file).await {
+                tracing::debug!(
+                    key = file.key(),
+                    "streaming upload stopped; the upload after the close sends the rest: {e}"
+                );
+            }
+            inner.cache.end_streaming(&file);
+        });
     }
 
     /// `fsync`: upload `file` now and wait until its current contents are in S3. Returns the
@@ -704,6 +735,105 @@ async fn upload_multipart(
             ))))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The streaming uploader of `file` while a writer has it open: each part the writer has moved
+/// past (every complete part but the last, which a writer finishing a record may still touch)
+/// goes up as a part of a multipart upload, `part_concurrency` at a time, recorded in the
+/// file's state (and journal, if the file is journaled). The upload after the last close finds
+/// that record, sends only the tail and completes the upload, so a large sequential write is
+/// in S3 shortly after `close`. Parts are claimed before they are sent: a change to a claimed
+/// byte voids the upload, and streaming stops for this open (the close uploads everything
+/// afresh); so does a file that outgrows `MAX_PARTS` parts (its part size will grow). The
+/// file's upload lock is held only while a batch of parts is in flight, so an unlink or rename
+/// waits at most that long; nothing is completed here, so a file is never published while it
+/// is being written.
+async fn stream(inner: &Arc<Inner>, file: &Arc<LocalFile>) -> Result<(), UploadError> {
+    let part_size = inner.config.part_size;
+    let mut ours: Option<String> = None;
+    loop {
+        if !file.has_writers() || file.is_unlinked() {
+            return Ok(());
+        }
+        let ready = (file.size() / part_size).saturating_sub(1);
+        if ready > MAX_PARTS as u64 {
+            return Ok(());
+        }
+        if ready <= file.claimed() / part_size {
+            tokio::time::sleep(STREAM_POLL).await;
+            continue;
+        }
+        let _serial = file.upload_lock.lock().await;
+        let current = file.journaled_upload();
+        let upload_id = match (current, &ours) {
+            (Some(r), Some(id)) if &r.upload_id == id => r.upload_id,
+            // Voided (a change reached a claimed part), completed by an fsync, or replaced:
+            // the rest is the close's business.
+            (_, Some(_)) => return Ok(()),
+            // Another upload is in progress (a resumed or failed one): leave it to the close.
+            (Some(_), None) => return Ok(()),
+            (None, None) => {
+                let snapshot = file.snapshot();
+                abort_stale_uploads(inner, &snapshot.key).await;
+                let options = put_options(inner, &snapshot);
+                let upload_id = inner
+                    .store
+                    .create_multipart(&snapshot.key, &options)
+                    .await?;
+                let record = UploadRecord {
+                    upload_id: upload_id.clone(),
+                    part_size,
+                    parts: Vec::new(),
+                };
+                if !inner.cache.start_streamed_upload(file, record)? {
+                    abort(inner, &snapshot.key, &upload_id).await;
+                    return Ok(());
+                }
+                ours = Some(upload_id.clone());
+                upload_id
+            }
+        };
+        let first = file.claimed() / part_size + 1;
+        if !inner
+            .cache
+            .claim_for_upload(file, &upload_id, ready * part_size)
+        {
+            return Ok(());
+        }
+        // Recorded parts must match durable data when the record is journaled (a resume after
+        // a crash trusts them).
+        file.sync_data()?;
+        let key = file.key();
+        let results: Vec<Result<(), UploadError>> = futures::stream::iter(first..=ready)
+            .map(|number| {
+                let (key, upload_id) = (&key, &upload_id);
+                async move {
+                    let body = Body::File {
+                        path: file.path().to_path_buf(),
+                        offset: (number - 1) * part_size,
+                        len: part_size,
+                    };
+                    let number = number as u32;
+                    let etag = inner
+                        .store
+                        .upload_part(key, upload_id, number, body)
+                        .await?;
+                    if !inner
+                        .cache
+                        .record_streamed_part(file, upload_id, number, etag)?
+                    {
+                        return Err(UploadError::Superseded);
+                    }
+                    Ok(())
+                }
+            })
+            .buffer_unordered(inner.config.part_concurrency.max(1))
+            .collect()
+            .await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e);
+        }
     }
 }
 

@@ -516,6 +516,16 @@ fn fsync(path: &Path) -> std::io::Result<()> {
         .sync_all()
 }
 
+/// Drop the kernel's cached pages of `path` (`POSIX_FADV_DONTNEED`), so the next read asks the
+/// filesystem.
+fn drop_page_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: fadvise on a descriptor we own; it only drops clean cached pages.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
 fn state_of(path: &Path) -> String {
     let value = xattr::get(path, "user.bucketfs.state")
         .unwrap_or_else(|e| panic!("getxattr {}: {e}", path.display()))
@@ -555,6 +565,8 @@ async fn metrics_count_requests_and_healthz_follows_s3_and_the_mount() {
 
     // Uploaded: the request, byte and upload counters moved; the gauges are back to zero.
     fsync(&m.join("a.bin")).unwrap();
+    // The kernel keeps the pages written; drop them so that the read reaches the daemon.
+    drop_page_cache(&m.join("a.bin"));
     std::fs::read(m.join("a.bin")).unwrap();
     let text = scrape(&addr);
     assert_eq!(sample(&text, "bucketfs_dirty_files"), Some(0.0), "{text}");
@@ -718,4 +730,42 @@ async fn logs_never_hold_a_secret_and_json_lines_parse() {
             }
         }
     }
+}
+
+/// A re-read of a file unchanged since its last open is served by the kernel's page cache (no
+/// read reaches the daemon); once another client replaces the object, the next open after the
+/// metadata TTL drops those pages and reads the new version.
+#[tokio::test(flavor = "multi_thread")]
+async fn rereads_of_an_unchanged_file_come_from_the_page_cache_until_it_changes() {
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let client = s3::sdk_client(SERVER).await;
+    let old = vec![1u8; 3 << 20];
+    s3::put_object(&client, &bucket, "f.bin", &old).await;
+    let proxy = FaultProxy::start(&s3::endpoint(SERVER));
+    let addr = free_addr();
+    let m = proxied_mount(
+        &bucket,
+        &proxy,
+        &["--metrics-addr", &addr, "--metadata-ttl", "1s"],
+    );
+    let reads = || {
+        sample(
+            &scrape(&addr),
+            "bucketfs_fuse_op_seconds_count{op=\"read\"}",
+        )
+        .unwrap_or(0.0)
+    };
+
+    assert_eq!(std::fs::read(m.join("f.bin")).unwrap(), old);
+    let first = reads();
+    assert!(first >= 1.0);
+    assert_eq!(std::fs::read(m.join("f.bin")).unwrap(), old);
+    assert_eq!(reads(), first, "the second read reached the daemon");
+
+    let new = vec![2u8; 3 << 20];
+    s3::put_object(&client, &bucket, "f.bin", &new).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(std::fs::read(m.join("f.bin")).unwrap(), new);
+    assert!(reads() > first);
+    assert!(m.stop().success());
 }

@@ -457,3 +457,93 @@ async fn an_s3_outage_delays_uploads_without_losing_them() {
     );
     assert!(m.stop().success());
 }
+
+/// Parts of `key`'s unfinished multipart uploads in `bucket` (all uploads together).
+async fn streamed_parts(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> usize {
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .prefix(key)
+        .send()
+        .await
+        .unwrap();
+    let mut parts = 0;
+    for u in uploads.uploads() {
+        let listed = client
+            .list_parts()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(u.upload_id().unwrap())
+            .send()
+            .await
+            .unwrap();
+        parts += listed.parts().len();
+    }
+    parts
+}
+
+/// A large file written sequentially goes up while it is written: its complete parts are in S3
+/// before the close (and nothing is published), and the close only sends the tail. A rewrite
+/// of bytes already sent voids those parts, and the object still ends up exactly as written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_sequential_write_is_uploaded_while_it_is_written() {
+    use std::os::unix::fs::FileExt;
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let client = sdk_client(SERVER).await;
+    let m = Mount::s3(SERVER, &bucket, "", &["--writeback-delay", "1h"]);
+    for (name, rewrite) in [("streamed.bin", false), ("rewritten.bin", true)] {
+        let mut body = data(40 * MIB, 7);
+        let mut f = std::fs::File::create(m.join(name)).unwrap();
+        for piece in body.chunks(MIB) {
+            f.write_all(piece).unwrap();
+        }
+        // Still open: parts 1-4 of 5 go up meanwhile (the last complete one waits for the close).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while streamed_parts(&client, &bucket, name).await < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "no parts streamed for {name}\n{}",
+                m.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            list_keys(&client, &bucket, name).await.is_empty(),
+            "published while open"
+        );
+        if rewrite {
+            // Voids the streamed upload: this file then waits for the write-back delay like any
+            // other, so fsync it.
+            body[..5].copy_from_slice(b"HELLO");
+            f.write_all_at(b"HELLO", 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        drop(f);
+        // Written with a 1 h write-back delay: a file whose parts were streamed goes at once.
+        wait_all(
+            &client,
+            &bucket,
+            &[(name.to_string(), body)],
+            Duration::from_secs(60),
+        )
+        .await;
+        let head = client
+            .head_object()
+            .bucket(&bucket)
+            .key(name)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            head.e_tag().unwrap().ends_with("-5\""),
+            "{name}: {:?}",
+            head.e_tag()
+        );
+        assert_eq!(
+            streamed_parts(&client, &bucket, name).await,
+            0,
+            "{name}: an upload was left behind"
+        );
+    }
+    assert!(m.stop().success());
+}

@@ -52,8 +52,13 @@ pub(super) struct State {
     /// Whether the file is in the cache's index, and the bytes it adds to the cache's usage.
     pub indexed: bool,
     pub accounted: u64,
-    /// The multipart upload in progress, mirrored in the journal.
+    /// The multipart upload in progress, mirrored in the journal (while the file is journaled).
     pub upload: Option<UploadRecord>,
+    /// Bytes `[0, claimed)` are committed to `upload` by the streaming uploader: uploaded, or
+    /// being uploaded now. A change below them voids the upload.
+    pub claimed: u64,
+    /// The streaming uploader runs for this file (see `crate::writeback`).
+    pub streaming: bool,
     /// When the uploader should next try (None: not queued).
     pub due: Option<Instant>,
     /// Consecutive failed upload attempts, and the last failure.
@@ -62,6 +67,21 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Bytes below which a change voids the multipart upload in progress: what its recorded
+    /// parts cover, or what the streaming uploader has claimed.
+    fn upload_floor(&self) -> u64 {
+        self.upload.as_ref().map_or(0, |u| {
+            let recorded = u.parts.iter().map(|(n, _)| *n as u64).max().unwrap_or(0);
+            (recorded * u.part_size).max(self.claimed)
+        })
+    }
+
+    /// Forget the multipart upload in progress.
+    pub fn drop_upload(&mut self) {
+        self.upload = None;
+        self.claimed = 0;
+    }
+
     /// A change: the next generation. A clean file turns dirty now.
     pub fn bump(&mut self) {
         if self.generation == self.clean_generation {
@@ -129,6 +149,8 @@ impl LocalFile {
                 indexed: false,
                 accounted: 0,
                 upload: None,
+                claimed: 0,
+                streaming: false,
                 due: None,
                 failures: 0,
                 last_error: None,
@@ -226,6 +248,11 @@ impl LocalFile {
         self.state().base = base;
     }
 
+    /// Bytes committed to the streamed upload in progress (see `State::claimed`).
+    pub fn claimed(&self) -> u64 {
+        self.state().claimed
+    }
+
     /// The multipart upload the journal holds for this file, if any.
     pub fn journaled_upload(&self) -> Option<UploadRecord> {
         self.state().upload.clone()
@@ -282,7 +309,7 @@ impl LocalFile {
         s.clean_generation = snapshot.generation;
         s.dirty_since = None;
         s.etag = Some(etag);
-        s.upload = None;
+        s.drop_upload();
         s.failures = 0;
         s.last_error = None;
         s.due = None;
@@ -352,7 +379,7 @@ impl LocalFile {
         self.file.write_all_at(data, offset)?;
         s.size = s.size.max(offset + data.len() as u64);
         s.missing.remove(offset..offset + data.len() as u64);
-        self.changed_locked(&mut s, on_void)?;
+        self.changed_locked(&mut s, offset, on_void)?;
         Ok(offset)
     }
 
@@ -363,10 +390,11 @@ impl LocalFile {
     ) -> io::Result<()> {
         let mut s = self.state();
         self.file.set_len(size)?;
+        let touched = s.size.min(size);
         s.size = size;
         // Bytes past a shrink are gone; a growth adds zeros, which are local.
         s.missing.truncate(size);
-        self.changed_locked(&mut s, on_void)
+        self.changed_locked(&mut s, touched, on_void)
     }
 
     /// Bring the cache's usage in step with the bytes this file holds locally (while it is
@@ -396,28 +424,40 @@ impl LocalFile {
         }
     }
 
-    /// A change of the data: a new generation, mtime now (a stored mtime no longer applies).
+    /// A change of the data from byte `touched` on: a new generation, mtime now (a stored
+    /// mtime no longer applies).
     fn changed_locked(
         &self,
         s: &mut State,
+        touched: u64,
         on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
     ) -> io::Result<()> {
         s.mtime = SystemTime::now();
-        s.meta.mtime = None;
+        // Dropping a stored mtime changes the metadata the upload was created with.
+        let touched = if s.meta.mtime.take().is_some() {
+            0
+        } else {
+            touched
+        };
         self.account(s);
-        self.new_generation_locked(s, on_void)
+        self.new_generation_locked(s, touched, on_void)
     }
 
-    /// A new generation to upload. A multipart upload in progress is void: its parts or the
-    /// metadata it was created with no longer match.
+    /// A new generation to upload, changed from byte `touched` on. A multipart upload in
+    /// progress is void if the change reaches the parts it holds or claims (or the metadata it
+    /// was created with: `touched` 0); `on_void` then strikes it from the journal.
     fn new_generation_locked(
         &self,
         s: &mut State,
+        touched: u64,
         on_void: impl FnOnce(&Self, &State) -> io::Result<()>,
     ) -> io::Result<()> {
         s.bump();
-        if s.upload.take().is_some() {
-            on_void(self, s)?;
+        if s.upload.is_some() && (touched == 0 || touched < s.upload_floor()) {
+            s.drop_upload();
+            if s.journaled {
+                on_void(self, s)?;
+            }
         }
         Ok(())
     }
@@ -502,7 +542,7 @@ impl LocalFile {
         if let Some(mtime) = s.meta.mtime {
             s.mtime = mtime;
         }
-        self.new_generation_locked(&mut s, on_void)
+        self.new_generation_locked(&mut s, 0, on_void)
     }
 
     pub fn sync_data(&self) -> io::Result<()> {

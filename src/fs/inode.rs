@@ -52,8 +52,20 @@ pub struct Inode {
     /// when: within the TTL a name not in it is missing without asking S3. Kept only for
     /// directories small enough to list in one page.
     pub listing: Option<(Instant, HashSet<String>)>,
+    /// The data version the kernel's page cache may hold for this file: what its last open
+    /// served (see `Filesystem::open_keeping_cache`).
+    pub kernel_data: Option<DataVersion>,
     /// A directory's children by name (empty for files).
     children: HashMap<String, Ino>,
+}
+
+/// Which data an open file serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataVersion {
+    /// A local data file, by its cache id.
+    Local(u64),
+    /// An object version, by its ETag.
+    Object(String),
 }
 
 impl Inode {
@@ -85,6 +97,7 @@ impl Inode {
             open_handles: 0,
             meta: None,
             listing: None,
+            kernel_data: None,
             children: HashMap::new(),
         }
     }

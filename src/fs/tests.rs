@@ -560,3 +560,40 @@ async fn a_rewrite_during_the_first_upload_is_no_conflict() {
     assert_eq!(objects["z"], b"FIRST");
     assert_eq!(fs.writeback().stats().conflicts, 0);
 }
+
+/// The streaming uploader sends the parts of a file while it is written; a rewrite of a part
+/// already sent voids them, and what is completed at the close is exactly the file. Nothing is
+/// published while the file is open, and no multipart upload is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_parts_are_voided_by_a_rewrite_and_the_object_is_exact() {
+    let memory = Arc::new(MemoryStore::new());
+    let counted = Arc::new(FaultyStore::new(memory.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(counted.clone(), String::new(), config(cache.path())).unwrap();
+    let mut expected = body(26 << 20, 3);
+    let (_, fh) = fs
+        .create(ROOT_INO, "f", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    for (i, chunk) in expected.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+    }
+    // 26 MiB in 5 MiB parts: parts 1-4 are complete, 1-3 go up while the file is open.
+    for _ in 0..600 {
+        if counted.calls("upload_part") >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(counted.calls("upload_part") >= 3, "nothing streamed");
+    assert!(
+        objects(&memory, "").await.is_empty(),
+        "published while open"
+    );
+    fs.write(fh, 6 << 20, b"rewritten").await.unwrap();
+    expected[6 << 20..(6 << 20) + 9].copy_from_slice(b"rewritten");
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    assert_eq!(objects(&memory, "").await.get("f"), Some(&expected));
+    assert!(memory.list_multipart_uploads("").await.unwrap().is_empty());
+}

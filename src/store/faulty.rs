@@ -113,6 +113,18 @@ pub struct FaultyCall {
     pub outcome: FaultyOutcome,
 }
 
+/// One call of operation `op` running; counted out on drop.
+struct Running<'a> {
+    store: &'a FaultyStore,
+    op: usize,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.store.state().in_flight[self.op] -= 1;
+    }
+}
+
 /// A queued fault.
 #[derive(Debug)]
 struct Fault {
@@ -140,6 +152,9 @@ struct State {
     calls: [usize; OPS.len()],
     failures: [usize; OPS.len()],
     forwarded: [usize; OPS.len()],
+    /// Calls running now, and the most that ran at once.
+    in_flight: [usize; OPS.len()],
+    max_in_flight: [usize; OPS.len()],
     history: Vec<FaultyCall>,
 }
 
@@ -154,6 +169,8 @@ impl State {
             calls: [0; OPS.len()],
             failures: [0; OPS.len()],
             forwarded: [0; OPS.len()],
+            in_flight: [0; OPS.len()],
+            max_in_flight: [0; OPS.len()],
             history: Vec::new(),
         }
     }
@@ -327,6 +344,11 @@ impl FaultyStore {
     }
 
     /// Every finished call so far, in the order they finished.
+    /// The most calls of `op` that ran at once.
+    pub fn max_in_flight(&self, op: &str) -> usize {
+        self.state().max_in_flight[op_index(op)]
+    }
+
     pub fn history(&self) -> Vec<FaultyCall> {
         self.state().history.clone()
     }
@@ -337,6 +359,7 @@ impl FaultyStore {
         state.calls = [0; OPS.len()];
         state.failures = [0; OPS.len()];
         state.forwarded = [0; OPS.len()];
+        state.max_in_flight = state.in_flight;
         state.history.clear();
     }
 
@@ -352,8 +375,12 @@ impl FaultyStore {
         let latency = {
             let mut state = self.state();
             state.calls[op] += 1;
+            state.in_flight[op] += 1;
+            state.max_in_flight[op] = state.max_in_flight[op].max(state.in_flight[op]);
             state.latency
         };
+        // Counts the call out however it ends (a cancelled future included).
+        let _running = Running { store: self, op };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }

@@ -354,14 +354,7 @@ async fn assert_persisted(
 ) -> Mount {
     let check = check.on(server);
     for (expected, dst) in trees {
-        if std::panic::catch_unwind(|| {
-            assert_same_tree(expected, &m.join(dst), check, "through the mount")
-        })
-        .is_err()
-        {
-            std::fs::write(format!("/tmp/tools-fail-p1-{}.log", m.pid()), m.log_text()).unwrap();
-            panic!("SCRATCH p1");
-        }
+        assert_same_tree(expected, &m.join(dst), check, "through the mount");
     }
     assert!(m.stop().success(), "the daemon did not drain and exit 0");
     let keys = trees
@@ -371,14 +364,7 @@ async fn assert_persisted(
     assert_keys(server, bucket, keys, "after unmounting").await;
     let m = Mount::s3(server, bucket, PREFIX, &[]);
     for (expected, dst) in trees {
-        if std::panic::catch_unwind(|| {
-            assert_same_tree(expected, &m.join(dst), check, "after a fresh remount")
-        })
-        .is_err()
-        {
-            std::fs::write(format!("/tmp/tools-fail-p2-{}.log", m.pid()), m.log_text()).unwrap();
-            panic!("SCRATCH p2");
-        }
+        assert_same_tree(expected, &m.join(dst), check, "after a fresh remount");
     }
     m
 }
@@ -393,7 +379,6 @@ fn run(m: &Mount, cmd: &mut Command) -> String {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
         let log = m.log_text();
-        std::fs::write(format!("/tmp/tools-fail-{}.log", m.pid()), &log).ok(); // SCRATCH
         let lines: Vec<&str> = log.lines().collect();
         let notable: Vec<&str> = lines
             .iter()
@@ -582,14 +567,7 @@ async fn git_clone_into_the_mount_is_a_working_repository(server: Server) {
     run(&m, git(work.path()).args(["clone", "-q", &url, "clone"]));
     run(&m, git(m.path()).args(["clone", "-q", &url, "clone"]));
     let mounted = m.join("clone");
-    if std::panic::catch_unwind(|| {
-        assert_same_tree(&local, &mounted, CHECK.on(server), "right after the clone")
-    })
-    .is_err()
-    {
-        std::fs::write("/tmp/tools-fail-git.log", m.log_text()).unwrap();
-        panic!("SCRATCH");
-    }
+    assert_same_tree(&local, &mounted, CHECK.on(server), "right after the clone");
     let log = |m: &Mount, dir: &Path| run(m, git(dir).args(["log", "--format=%H %s"]));
     let expected_log = log(&m, &origin);
     assert_eq!(expected_log.lines().count(), 3);
@@ -704,52 +682,4 @@ shutil.copy2(sys.argv[3], sys.argv[4])";
     let trees: &[(&Path, &str)] = &[(&src.root, "tree"), (&big, "big copy.bin")];
     let m = assert_persisted(server, &bucket, m, trees, CHECK).await;
     assert!(m.stop().success());
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn zz_scratch_seaweed_marker_meta() {
-    let server = Server::SeaweedFs;
-    let bucket = s3::fresh_bucket(server).await;
-    let client = sdk_client(server).await;
-    client
-        .put_object()
-        .bucket(&bucket)
-        .key("a/z/")
-        .metadata("mode", "16832")
-        .body(Vec::new().into())
-        .send()
-        .await
-        .unwrap();
-    let h = client
-        .head_object()
-        .bucket(&bucket)
-        .key("a/z/")
-        .send()
-        .await
-        .unwrap();
-    eprintln!(
-        "SCRATCH rust sdk put+head a/z/: {:?} bucket {bucket}",
-        h.metadata()
-    );
-    let m = Mount::s3(server, &bucket, "p", &[]);
-    std::fs::create_dir(m.join("d")).unwrap();
-    std::fs::set_permissions(m.join("d"), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let h = client
-        .head_object()
-        .bucket(&bucket)
-        .key("p/d/")
-        .send()
-        .await
-        .unwrap();
-    eprintln!("SCRATCH mount mkdir+chmod p/d/: {:?}", h.metadata());
-    std::fs::write(m.join("d/f"), b"x").unwrap();
-    assert!(m.stop().success());
-    let h = client
-        .head_object()
-        .bucket(&bucket)
-        .key("p/d/")
-        .send()
-        .await
-        .unwrap();
-    eprintln!("SCRATCH after child + stop p/d/: {:?}", h.metadata());
 }
