@@ -189,9 +189,18 @@ impl S3Store {
         let region = non_empty(config.region);
 
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        loader = match region {
-            Some(region) => loader.region(Region::new(region)),
-            None => loader.region(
+        loader = match (region, &endpoint_url) {
+            (Some(region), _) => loader.region(Region::new(region)),
+            // A custom endpoint is not an EC2 region: the environment or a profile may name
+            // one, but asking the instance metadata service only costs a timeout and a warning.
+            (None, Some(_)) => loader.region(
+                RegionProviderChain::first_try(
+                    aws_config::environment::EnvironmentVariableRegionProvider::new(),
+                )
+                .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+                .or_else(Region::new(DEFAULT_REGION)),
+            ),
+            (None, None) => loader.region(
                 RegionProviderChain::default_provider().or_else(Region::new(DEFAULT_REGION)),
             ),
         };
