@@ -230,7 +230,14 @@ fn detach(child_args: Vec<OsString>) -> ExitCode {
 /// Logs go to stderr (journald under systemd, `docker logs` in a container): plain text
 /// with colours only on a terminal, or one JSON object per line.
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // fuser warns "Unmount failed: Invalid argument" after every outside `umount` (it unmounts
+    // again what is already gone): quiet unless the filter asks for fuser explicitly.
+    let directives = if level.contains("fuser") {
+        level.to_string()
+    } else {
+        format!("{level},fuser::mnt=error")
+    };
+    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
