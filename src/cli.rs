@@ -152,6 +152,14 @@ pub struct MountOptions {
     #[arg(long, env = "BUCKETFS_MAX_RENAME_OBJECTS", default_value_t = 10_000)]
     pub max_rename_objects: usize,
 
+    /// Take directory listings' word for attributes: `ls -l` of a large directory then costs
+    /// only its LIST requests, instead of one HEAD per entry to read the mode, owner and mtime
+    /// stored by chmod/chown/touch (x-amz-meta-*). Entries show the default mode and owner and
+    /// LastModified until a later lookup reads their metadata. For buckets whose objects carry
+    /// no such metadata (Open WebUI's uploads, objects written by other S3 tools).
+    #[arg(long, env = "BUCKETFS_LISTING_ATTRIBUTES", value_parser = BoolishValueParser::new())]
+    pub listing_attributes: bool,
+
     /// Detach: return once the mount is live (exit 0), or fail with the reason.
     #[arg(long, short = 'd')]
     pub daemon: bool,

@@ -190,6 +190,7 @@ impl Config {
             writeback_delay: args.cache.writeback_delay,
             max_uploads: args.cache.max_uploads.max(1),
             max_rename_objects: args.mount.max_rename_objects,
+            listing_attributes: args.mount.listing_attributes,
             cache_dir: PathBuf::new(), // set below, once the mount id is known
             cache_limits: CacheLimits {
                 max_bytes: args.cache.cache_size,

@@ -509,7 +509,22 @@ impl Filesystem {
 
     /// Read the stored attributes of `dir`'s children that a listing left unknown, in
     /// parallel, so that `ls -l` right after `readdir` answers every `stat` from the table.
+    /// With `listing_attributes`, take them for the defaults instead (no request).
     async fn fetch_child_meta(&self, dir: Ino, dir_prefix: &str) {
+        if self.config.listing_attributes {
+            let mut table = self.table();
+            let unknown: Vec<Ino> = table
+                .children(dir)
+                .filter(|(_, node)| node.meta.is_none())
+                .map(|(ino, _)| ino)
+                .collect();
+            for ino in unknown {
+                if let Some(node) = table.get_mut(ino) {
+                    node.meta = Some(PosixMeta::default());
+                }
+            }
+            return;
+        }
         let todo: Vec<(Ino, String)> = {
             let table = self.table();
             table

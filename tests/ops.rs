@@ -769,3 +769,60 @@ async fn rereads_of_an_unchanged_file_come_from_the_page_cache_until_it_changes(
     assert!(reads() > first);
     assert!(m.stop().success());
 }
+
+/// `ls -l` of a directory reads each entry's stored attributes with one HEAD; with
+/// `--listing-attributes` it makes no HEAD at all and shows the defaults.
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_attributes_make_ls_l_cost_only_the_listing() {
+    use std::os::unix::fs::PermissionsExt;
+    let bucket = s3::fresh_bucket(SERVER).await;
+    let client = s3::sdk_client(SERVER).await;
+    for i in 0..30 {
+        s3::put_object(&client, &bucket, &format!("d/f{i:02}"), b"x").await;
+    }
+    // chmod 600 as bucketfs (and s3fs) store it.
+    client
+        .put_object()
+        .bucket(&bucket)
+        .key("d/private")
+        .metadata("mode", (libc::S_IFREG | 0o600).to_string())
+        .body(b"secret".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(&s3::endpoint(SERVER));
+    for (flags, heads_expected, private_mode) in [
+        (&[][..], true, 0o600),
+        (&["--listing-attributes"][..], false, 0o644),
+    ] {
+        let addr = free_addr();
+        let mut args = vec!["--metrics-addr", addr.as_str()];
+        args.extend_from_slice(flags);
+        let m = proxied_mount(&bucket, &proxy, &args);
+        let modes: Vec<(String, u32)> = std::fs::read_dir(m.join("d"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let mode = std::fs::symlink_metadata(e.path())
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                (e.file_name().into_string().unwrap(), mode & 0o7777)
+            })
+            .collect();
+        assert_eq!(modes.len(), 31);
+        let private = modes.iter().find(|(n, _)| n == "private").unwrap().1;
+        assert_eq!(private, private_mode, "{flags:?}");
+        let heads = sample(
+            &scrape(&addr),
+            "bucketfs_s3_requests_total{op=\"head\",outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0);
+        if heads_expected {
+            assert!(heads >= 31.0, "{heads} HEADs without the flag");
+        } else {
+            assert_eq!(heads, 0.0, "HEADs with --listing-attributes");
+        }
+        assert!(m.stop().success());
+    }
+}

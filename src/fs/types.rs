@@ -32,6 +32,9 @@ pub struct FsConfig {
     pub max_uploads: usize,
     /// Largest directory (objects at any depth) that `rename` moves; above it, EXDEV.
     pub max_rename_objects: usize,
+    /// Trust listings for attributes: `opendir` does not HEAD its entries for their stored
+    /// mode, owner and mtime (they show the defaults until a later HEAD reads them).
+    pub listing_attributes: bool,
     /// This mount's cache directory.
     pub cache_dir: PathBuf,
     /// The cache's byte budget and back-pressure timeout.
@@ -55,6 +58,7 @@ impl Default for FsConfig {
             writeback_delay: Duration::from_secs(1),
             max_uploads: 8,
             max_rename_objects: 10_000,
+            listing_attributes: false,
             cache_dir: std::env::temp_dir().join("bucketfs-cache"),
             cache_limits: CacheLimits::default(),
             conditional_writes: true,
