@@ -439,8 +439,9 @@ impl Cache {
 
     // ---- the streaming uploader's bookkeeping (see `crate::writeback::stream`) ------------
 
-    /// Mark `file` as streamed; false if it already is, or cannot be (a sparse staging, whose
-    /// parts may be server-side copies decided only at close; an unlinked file).
+    /// Mark `file` as streamed for its current writers; false if it already was, or cannot be
+    /// (a sparse staging, whose parts may be server-side copies decided only at close; an
+    /// unlinked file).
     pub fn begin_streaming(&self, file: &LocalFile) -> bool {
         let mut s = file.state();
         if s.streaming || !s.missing.is_empty() || s.unlinked {
@@ -448,10 +449,6 @@ impl Cache {
         }
         s.streaming = true;
         true
-    }
-
-    pub fn end_streaming(&self, file: &LocalFile) {
-        file.state().streaming = false;
     }
 
     /// Adopt `record` (a fresh multipart upload) as `file`'s upload in progress, if it has none.

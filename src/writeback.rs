@@ -232,7 +232,6 @@ impl WriteBack {
                     "streaming upload stopped; the upload after the close sends the rest: {e}"
                 );
             }
-            inner.cache.end_streaming(&file);
         });
     }
 

@@ -57,7 +57,8 @@ pub(super) struct State {
     /// Bytes `[0, claimed)` are committed to `upload` by the streaming uploader: uploaded, or
     /// being uploaded now. A change below them voids the upload.
     pub claimed: u64,
-    /// The streaming uploader runs for this file (see `crate::writeback`).
+    /// The streaming uploader was started for the current writers (see `crate::writeback`); it
+    /// is not started again, even once it has stopped, until the last writer closes.
     pub streaming: bool,
     /// When the uploader should next try (None: not queued).
     pub due: Option<Instant>,
@@ -341,6 +342,10 @@ impl LocalFile {
         let mut s = self.state();
         s.open = s.open.saturating_sub(1);
         s.writers = s.writers.saturating_sub(write as u32);
+        if s.writers == 0 {
+            // The next writer may stream again (see `crate::writeback::stream`).
+            s.streaming = false;
+        }
     }
 
     /// Whether a descriptor open for writing exists.
