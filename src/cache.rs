@@ -451,14 +451,22 @@ impl Cache {
         true
     }
 
-    /// Adopt `record` (a fresh multipart upload) as `file`'s upload in progress, if it has none.
+    /// Adopt `record`, a multipart upload just created for `snapshot`, as `file`'s upload in
+    /// progress: only if the file has none and its key, metadata and base version are still
+    /// the snapshot's (the upload was created with them).
     pub fn start_streamed_upload(
         &self,
         file: &LocalFile,
+        snapshot: &Snapshot,
         record: UploadRecord,
     ) -> io::Result<bool> {
         let mut s = file.state();
-        if s.upload.is_some() || s.unlinked {
+        if s.upload.is_some()
+            || s.unlinked
+            || s.key != snapshot.key
+            || s.meta != snapshot.meta
+            || s.base != snapshot.base
+        {
             return Ok(false);
         }
         s.upload = Some(record);

@@ -785,7 +785,7 @@ async fn stream(inner: &Arc<Inner>, file: &Arc<LocalFile>) -> Result<(), UploadE
                     part_size,
                     parts: Vec::new(),
                 };
-                if !inner.cache.start_streamed_upload(file, record)? {
+                if !inner.cache.start_streamed_upload(file, &snapshot, record)? {
                     abort(inner, &snapshot.key, &upload_id).await;
                     return Ok(());
                 }
