@@ -37,6 +37,9 @@ pub use journal::Base;
 use journal::{Journal, UploadRecord};
 pub use ranges::RangeSet;
 
+/// How often a writer waiting for cache space re-checks without a wake-up.
+const SPACE_RECHECK: Duration = Duration::from_millis(250);
+
 /// Limits of the cache.
 #[derive(Debug, Clone)]
 pub struct CacheLimits {
@@ -681,9 +684,14 @@ impl Cache {
             if total + bytes <= self.limits.max_bytes && disk_ok {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
+            // Woken when space may have been freed, and in any case every `SPACE_RECHECK`: a
+            // file marked clean is evictable only once its uploader lets go of it, a moment
+            // after the wake-up.
+            let _ = tokio::time::timeout_at((now + SPACE_RECHECK).min(deadline), notified).await;
         }
     }
 
