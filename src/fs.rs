@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -928,6 +928,57 @@ impl Filesystem {
             }
             _ => Err(FsError::errno(libc::EBADF)),
         }
+    }
+
+    /// `readdir` with attributes (FUSE READDIRPLUS), so that the kernel needs no LOOKUP per
+    /// entry. `add` hands one entry to the kernel and says whether the reply is full (that
+    /// entry not taken). Each entry taken, `.` and `..` aside, is a lookup the kernel will
+    /// FORGET, counted here. An entry unlinked since `opendir` is left out; one renamed since,
+    /// or whose attributes are not confirmed within the TTL, goes with a zero TTL, so the
+    /// kernel asks again before trusting it.
+    pub fn readdir_plus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, &Entry) -> bool,
+    ) -> FsResult<()> {
+        let (dir, entries) = {
+            let handles = self.handle_table();
+            match handles.get(&fh) {
+                Some(Handle::Dir { entries }) => (
+                    entries.first().map_or(ROOT_INO, |dot| dot.ino),
+                    entries
+                        .iter()
+                        .skip(offset as usize)
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                ),
+                _ => return Err(FsError::errno(libc::EBADF)),
+            }
+        };
+        let mut table = self.table();
+        for e in &entries {
+            let dot = e.name == "." || e.name == "..";
+            let Some(node) = table.get(e.ino) else {
+                continue;
+            };
+            let current = dot || (node.parent == dir && node.name == e.name);
+            let Ok(attr) = self.attr_of(&table, e.ino) else {
+                continue;
+            };
+            let ttl = if current && self.answers_locally(node) {
+                self.config.metadata_ttl
+            } else {
+                Duration::ZERO
+            };
+            if add(e, &Entry { attr, ttl }) {
+                break;
+            }
+            if !dot && let Some(node) = table.get_mut(e.ino) {
+                node.lookups += 1;
+            }
+        }
+        Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) {

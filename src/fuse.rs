@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -161,6 +162,10 @@ impl fuser::Filesystem for FuseAdapter {
         // The kernel may cap both values; what it cannot take it reports back, which is fine.
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_READAHEAD);
+        // Attributes with directory entries: `ls -l` then needs no LOOKUP per entry. AUTO lets
+        // the kernel use it only when entries are looked up after a listing.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -529,6 +534,39 @@ impl fuser::Filesystem for FuseAdapter {
             }
         }
         record_latency("readdir", start);
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let start = Instant::now();
+        let _span = span!("readdirplus", req, ino = ino.0, fh = fh.0, offset = offset)
+            .span
+            .entered();
+        // Served from the snapshot taken at opendir, answered inline like `readdir`.
+        let added = self.fs.readdir_plus(fh.0, offset, |e, entry| {
+            reply.add(
+                INodeNo(e.ino),
+                e.offset,
+                &e.name,
+                &entry.ttl,
+                &file_attr(&entry.attr),
+                Generation(0),
+            )
+        });
+        match added {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                log_error(&e);
+                reply.error(errno(e));
+            }
+        }
+        record_latency("readdirplus", start);
     }
 
     fn releasedir(

@@ -771,7 +771,8 @@ async fn rereads_of_an_unchanged_file_come_from_the_page_cache_until_it_changes(
 }
 
 /// `ls -l` of a directory reads each entry's stored attributes with one HEAD; with
-/// `--listing-attributes` it makes no HEAD at all and shows the defaults.
+/// `--listing-attributes` it makes no HEAD at all and shows the defaults. Either way the
+/// entries reach the kernel with their attributes (READDIRPLUS): no LOOKUP per entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn listing_attributes_make_ls_l_cost_only_the_listing() {
     use std::os::unix::fs::PermissionsExt;
@@ -823,6 +824,13 @@ async fn listing_attributes_make_ls_l_cost_only_the_listing() {
         } else {
             assert_eq!(heads, 0.0, "HEADs with --listing-attributes");
         }
+        // READDIRPLUS gave the kernel every entry's attributes: no LOOKUP per entry.
+        let lookups = sample(
+            &scrape(&addr),
+            "bucketfs_fuse_op_seconds_count{op=\"lookup\"}",
+        )
+        .unwrap_or(0.0);
+        assert!(lookups < 5.0, "{lookups} LOOKUPs for `ls -l` of 31 entries");
         assert!(m.stop().success());
     }
 }
