@@ -603,17 +603,9 @@ impl Cache {
 
     // ---- budget -----------------------------------------------------------------------------
 
-    /// (dirty bytes, all cached bytes). Counting dirty bytes visits every file: for status
-    /// reports, not hot paths.
-    pub fn usage(&self) -> (u64, u64) {
-        let dirty = self
-            .index()
-            .by_key
-            .values()
-            .filter(|f| f.is_dirty())
-            .map(|f| f.size())
-            .sum();
-        (dirty, self.used.load(Ordering::Relaxed))
+    /// Bytes the cache holds, dirty and clean (what `--cache-size` bounds).
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// Drop clean, closed files, least recently used first, until the cache fits the budget

@@ -921,11 +921,14 @@ impl Filesystem {
 
     /// Entries after `offset` (0 = from the start).
     pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
-        let handles = self.handle_table();
-        match handles.get(&fh) {
-            Some(Handle::Dir { entries }) => {
-                Ok(entries.iter().skip(offset as usize).cloned().collect())
-            }
+        let entries = self.dir_snapshot(fh)?;
+        Ok(entries.iter().skip(offset as usize).cloned().collect())
+    }
+
+    /// The listing `opendir` took for directory handle `fh` (its first entry is `.`).
+    fn dir_snapshot(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        match self.handle_table().get(&fh) {
+            Some(Handle::Dir { entries }) => Ok(entries.clone()),
             _ => Err(FsError::errno(libc::EBADF)),
         }
     }
@@ -942,22 +945,10 @@ impl Filesystem {
         offset: u64,
         mut add: impl FnMut(&DirEntry, &Entry) -> bool,
     ) -> FsResult<()> {
-        let (dir, entries) = {
-            let handles = self.handle_table();
-            match handles.get(&fh) {
-                Some(Handle::Dir { entries }) => (
-                    entries.first().map_or(ROOT_INO, |dot| dot.ino),
-                    entries
-                        .iter()
-                        .skip(offset as usize)
-                        .cloned()
-                        .collect::<Vec<_>>(),
-                ),
-                _ => return Err(FsError::errno(libc::EBADF)),
-            }
-        };
+        let entries = self.dir_snapshot(fh)?;
+        let dir = entries.first().map_or(ROOT_INO, |dot| dot.ino);
         let mut table = self.table();
-        for e in &entries {
+        for e in entries.iter().skip(offset as usize) {
             let dot = e.name == "." || e.name == "..";
             let Some(node) = table.get(e.ino) else {
                 continue;

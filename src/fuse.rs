@@ -89,6 +89,18 @@ struct Op {
     span: tracing::Span,
 }
 
+/// Run `f`, a core call answered from memory, on the FUSE thread itself, inside `op`'s span;
+/// errors are logged and the latency recorded as for spawned operations.
+fn inline<T>(Op { name, span }: Op, f: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+    let start = Instant::now();
+    let result = span.in_scope(f);
+    if let Err(e) = &result {
+        span.in_scope(|| log_error(e));
+    }
+    record_latency(name, start);
+    result
+}
+
 fn record_latency(op: &'static str, start: Instant) {
     metrics::histogram!(crate::metrics::names::FUSE_OP_SECONDS, "op" => op)
         .record(start.elapsed().as_secs_f64());
@@ -514,26 +526,22 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let start = Instant::now();
-        let _span = span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset)
-            .span
-            .entered();
-        // Served from the snapshot taken at opendir: no I/O, answered inline.
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for e in entries {
+        // Served from the snapshot taken at opendir: no I/O.
+        let listed = inline(
+            span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset),
+            || {
+                for e in self.fs.readdir(fh.0, offset)? {
                     if reply.add(INodeNo(e.ino), e.offset, file_type(e.kind), &e.name) {
                         break;
                     }
                 }
-                reply.ok();
-            }
-            Err(e) => {
-                log_error(&e);
-                reply.error(errno(e));
-            }
+                Ok(())
+            },
+        );
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        record_latency("readdir", start);
     }
 
     fn readdirplus(
@@ -544,29 +552,26 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let start = Instant::now();
-        let _span = span!("readdirplus", req, ino = ino.0, fh = fh.0, offset = offset)
-            .span
-            .entered();
-        // Served from the snapshot taken at opendir, answered inline like `readdir`.
-        let added = self.fs.readdir_plus(fh.0, offset, |e, entry| {
-            reply.add(
-                INodeNo(e.ino),
-                e.offset,
-                &e.name,
-                &entry.ttl,
-                &file_attr(&entry.attr),
-                Generation(0),
-            )
-        });
-        match added {
+        // Served from the snapshot taken at opendir, like `readdir`.
+        let listed = inline(
+            span!("readdirplus", req, ino = ino.0, fh = fh.0, offset = offset),
+            || {
+                self.fs.readdir_plus(fh.0, offset, |e, entry| {
+                    reply.add(
+                        INodeNo(e.ino),
+                        e.offset,
+                        &e.name,
+                        &entry.ttl,
+                        &file_attr(&entry.attr),
+                        Generation(0),
+                    )
+                })
+            },
+        );
+        match listed {
             Ok(()) => reply.ok(),
-            Err(e) => {
-                log_error(&e);
-                reply.error(errno(e));
-            }
+            Err(e) => reply.error(errno(e)),
         }
-        record_latency("readdirplus", start);
     }
 
     fn releasedir(

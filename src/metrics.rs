@@ -175,7 +175,7 @@ fn refresh(fs: &Filesystem, health: &Health) {
     use names::*;
     let stats = fs.writeback().stats();
     let dirty = fs.cache().dirty_files();
-    let (_, cached) = fs.cache().usage();
+    let cached = fs.cache().used_bytes();
     let oldest = dirty
         .iter()
         .filter_map(|f| f.dirty_since())

@@ -238,7 +238,7 @@ pub fn report(fs: &Filesystem) -> String {
     use crate::writeback::FileState;
     let mut out = String::new();
     let dirty = fs.cache().dirty_files();
-    let (_, cached) = fs.cache().usage();
+    let cached = fs.cache().used_bytes();
     let _ = writeln!(out, "uploads: {}", summary(fs));
     if let Some(oldest) = dirty.iter().filter_map(|f| f.dirty_since()).min() {
         let _ = writeln!(
