@@ -17,8 +17,9 @@
 //! Lock order: the inode table (`inodes`, a std mutex, never held across `.await`), then the
 //! cache index, then a `LocalFile`'s state lock, then the negative-lookup cache; the handle
 //! table is never held together with any of them; the orphans map is taken last, alone or
-//! under the inode table. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async mutexes taken
-//! with no std lock held.
+//! under the inode table. A handle's `Reader` and a `LocalFile`'s `upload_lock` are async
+//! mutexes taken with no std lock held, readers before upload locks (an operation that copies
+//! or deletes objects locks the readers of the files it touches first, see `lock_readers`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +66,9 @@ const RENAME_CONCURRENCY: usize = 16;
 /// Smaller ones are fetched whole at open (well under a second here), which keeps every
 /// byte of the file local: a conflict copy (see `crate::writeback`) is then always complete.
 const SPARSE_STAGING_MIN: u64 = 32 << 20;
+
+/// A handle's reader, locked (see [`Filesystem::lock_readers`]).
+type ReaderGuard = tokio::sync::OwnedMutexGuard<Reader>;
 
 /// An open file or directory.
 enum Handle {
@@ -690,6 +694,9 @@ impl Filesystem {
             return Ok(());
         }
         let key = self.key(&path, FileKind::File);
+        // A self-copy may give the object a new ETag (a multipart object's becomes a
+        // single-part one): open handles reading the version copied follow it.
+        let mut readers = self.lock_readers(|k| k == key).await;
         let local = self.cache.get(&key);
         // No upload of the file starts or ends while its attributes change.
         let _no_upload = match &local {
@@ -716,6 +723,9 @@ impl Filesystem {
         let etag =
             crate::store::copy_object(self.store.as_ref(), &key, &key, head.size, Some(&metadata))
                 .await?;
+        Self::follow_copies(&mut readers, |_, pinned| {
+            (pinned == head.etag).then(|| (key.clone(), etag.clone()))
+        });
         if let Some(local) = &local {
             local.set_clean_meta(meta);
             local.set_etag(etag.clone());
@@ -1283,16 +1293,19 @@ impl Filesystem {
     /// Give file `ino` local data: empty when `empty`, else its object's bytes (pinned to the
     /// ETag we know): fetched at once, or, for a large object on a server with conditional
     /// writes, as a sparse file filled on demand. If another task staged it meanwhile, that
-    /// copy wins.
+    /// copy wins. Handles reading the file from S3 move onto the local data
+    /// ([`Self::adopt_readers`]).
     async fn stage(&self, ino: Ino, empty: bool) -> FsResult<Arc<LocalFile>> {
-        let (key, remote, meta) = {
+        let (key, local, remote, meta) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            match self.file_key(&table, ino)? {
-                (_, Some(local)) => return Ok(local),
-                (key, None) => (key, node.remote.clone(), node.meta),
-            }
+            let (key, local) = self.file_key(&table, ino)?;
+            (key, local, node.remote.clone(), node.meta)
         };
+        if let Some(local) = local {
+            self.adopt_readers(ino, &local).await;
+            return Ok(local);
+        }
         // Not known to be in S3 (created here, or renamed while dirty, then uploaded and
         // evicted), or its attributes unknown: ask, rather than take the object for new and
         // upload an empty file over it, or drop its mode.
@@ -1340,20 +1353,25 @@ impl Filesystem {
         if let Some(node) = self.table().get_mut(ino) {
             node.validated = None;
         }
+        self.adopt_readers(ino, &local).await;
         Ok(local)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let handle = {
-            let handles = self.handle_table();
-            match handles.get(&fh) {
-                Some(Handle::Local { file, .. }) => Ok(file.clone()),
-                Some(Handle::Remote { reader, .. }) => Err(reader.clone()),
-                _ => return Err(FsError::errno(libc::EBADF)),
-            }
+        let reader = match self.handle_table().get(&fh) {
+            Some(Handle::Local { .. }) => None,
+            Some(Handle::Remote { reader, .. }) => Some(reader.clone()),
+            _ => return Err(FsError::errno(libc::EBADF)),
         };
-        match (handle, self.handle_data(fh)?) {
-            (Ok(file), _) | (Err(_), Some(file)) => {
+        // The reader's lock comes first: the mount's own operations that copy or delete the
+        // object hold it while they re-point or convert the handle (`lock_readers`,
+        // `localize_readers`), so what it reads from is decided after them.
+        let reader = match reader {
+            Some(reader) => Some(reader.lock_owned().await),
+            None => None,
+        };
+        match (self.handle_data(fh)?, reader) {
+            (Some(file), _) => {
                 let end = offset.saturating_add(size as u64);
                 let span = crate::cache::fill_span(offset..end);
                 self.cache.fill(self.store.as_ref(), &file, span).await?;
@@ -1362,11 +1380,119 @@ impl Filesystem {
                     .increment(data.len() as u64);
                 Ok(Bytes::from(data))
             }
-            (Err(reader), None) => {
-                let data = reader.lock().await.read(&self.store, offset, size).await?;
+            (None, Some(mut reader)) => {
+                let data = reader.read(&self.store, offset, size).await?;
                 metrics::counter!(crate::metrics::names::READ_BYTES, "source" => "s3")
                     .increment(data.len() as u64);
                 Ok(data)
+            }
+            (None, None) => Err(FsError::errno(libc::EBADF)),
+        }
+    }
+
+    /// The readers of the handles that read from S3 a file whose key `selects`, locked: no read
+    /// through them runs until the guards drop. Taken before the mount's own server-side copy
+    /// of those objects (a rename, a metadata self-copy), after which [`Self::follow_copies`]
+    /// re-points them, so no read sees the interval where the pinned version is gone.
+    async fn lock_readers(&self, selects: impl Fn(&str) -> bool) -> Vec<ReaderGuard> {
+        let remote: Vec<(Ino, Arc<tokio::sync::Mutex<Reader>>)> = self
+            .handle_table()
+            .values()
+            .filter_map(|h| match h {
+                Handle::Remote { ino, reader } => Some((*ino, reader.clone())),
+                _ => None,
+            })
+            .collect();
+        let selected: Vec<_> = {
+            let table = self.table();
+            remote
+                .into_iter()
+                .filter(|(ino, _)| self.file_key(&table, *ino).is_ok_and(|(k, _)| selects(&k)))
+                .map(|(_, reader)| reader)
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(selected.len());
+        for reader in selected {
+            guards.push(reader.lock_owned().await);
+        }
+        guards
+    }
+
+    /// Re-point locked readers at the copies the mount made of their pinned versions:
+    /// `copied(key, etag)` is the `(key, etag)` of the copy, if that version was copied. A
+    /// reader pinned to another version (replaced by another client) stays as it is.
+    fn follow_copies(
+        readers: &mut [ReaderGuard],
+        copied: impl Fn(&str, &str) -> Option<(String, String)>,
+    ) {
+        for reader in readers {
+            let (key, etag) = reader.pinned();
+            if let Some((key, etag)) = copied(key, etag) {
+                reader.repin(key, etag);
+            }
+        }
+    }
+
+    /// Handles reading file `ino` from S3 become handles on local data holding its bytes, so
+    /// they keep reading after the mount's own delete or replacement of the object (POSIX
+    /// keeps an open file's data until its last close): the file is staged (which adopts the
+    /// handles, see [`Self::adopt_readers`]) and its whole object fetched into the cache.
+    async fn localize_readers(&self, ino: Ino) -> FsResult<()> {
+        if self.remote_handles(ino).is_empty() {
+            return Ok(());
+        }
+        let staged = async {
+            let file = self.stage(ino, false).await?;
+            self.cache
+                .fill(self.store.as_ref(), &file, 0..file.size())
+                .await?;
+            FsResult::Ok(())
+        };
+        match staged.await {
+            // The object changed or went away in S3: the handles' version is gone already.
+            Err(e) if matches!(e.errno_value(), libc::ESTALE | libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The handles reading file `ino` from S3, with their readers.
+    fn remote_handles(&self, ino: Ino) -> Vec<(u64, Arc<tokio::sync::Mutex<Reader>>)> {
+        self.handle_table()
+            .iter()
+            .filter_map(|(fh, h)| match h {
+                Handle::Remote { ino: i, reader } if *i == ino => Some((*fh, reader.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// File `ino` has local data now (`file`): the handles reading it from S3 become handles on
+    /// it when it holds what they read, the mount's own change (every descriptor sees those)
+    /// or the very version they are pinned to. As local handles they keep the data in the
+    /// cache until they close. A handle pinned to a version another client has replaced since
+    /// is left as it is, and its reads fail with `ESTALE`, as they would have.
+    async fn adopt_readers(&self, ino: Ino, file: &Arc<LocalFile>) {
+        let remote = self.remote_handles(ino);
+        if remote.is_empty() {
+            return;
+        }
+        // Decided once, before the first adopted handle counts as an open of the file.
+        let ours = local_decides(file);
+        let etag = file.etag();
+        for (fh, reader) in remote {
+            let reader = reader.lock().await;
+            if !ours && etag.as_deref() != Some(reader.pinned().1) {
+                continue;
+            }
+            let mut handles = self.handle_table();
+            if let Some(handle @ Handle::Remote { .. }) = handles.get_mut(&fh) {
+                file.opened(false);
+                *handle = Handle::Local {
+                    ino,
+                    file: file.clone(),
+                    append: false,
+                    write: false,
+                };
             }
         }
     }
@@ -1496,8 +1622,10 @@ impl Filesystem {
             }
             self.key(&Self::path_of(&table, ino)?, FileKind::File)
         };
-        // Open handles keep their data; no upload will re-create the object. An upload already
-        // running finishes first, so the delete below is the last word.
+        // Open handles keep their data (those reading from S3 get a local copy first); no
+        // upload will re-create the object. An upload already running finishes first, so the
+        // delete below is the last word.
+        self.localize_readers(ino).await?;
         let local = self.cache.remove(&key);
         if let Some(file) = &local {
             let _after_upload = file.upload_lock.lock().await;
@@ -1537,7 +1665,7 @@ impl Filesystem {
         if target == Some(ino) {
             return Ok(());
         }
-        let (kind, old_key, new_key, remote_size) = {
+        let (kind, old_key, new_key, remote) = {
             let table = self.table();
             let node = table.get(ino).ok_or_else(FsError::not_found)?;
             if let Some(t) = target {
@@ -1560,7 +1688,7 @@ impl Filesystem {
                 node.kind,
                 self.key(&Self::path_of(&table, ino)?, node.kind),
                 self.key(&new_path, node.kind),
-                node.remote.as_ref().map(|r| r.size),
+                node.remote.clone(),
             )
         };
         if kind == FileKind::Directory {
@@ -1568,6 +1696,12 @@ impl Filesystem {
                 .rename_dir(ino, (new_parent, new_name), &old_key, &new_key, target)
                 .await;
         }
+        if let Some(target) = target {
+            // The replaced file's open handles keep its data.
+            self.localize_readers(target).await?;
+        }
+        // Open handles reading the version copied follow it to the new key.
+        let mut readers = self.lock_readers(|k| k == old_key).await;
         let local = self.cache.get(&old_key);
         // Holding the file's upload lock, no upload of it starts or ends while it moves: it is
         // either dirty (and moves as local data) or clean and in S3 (and is copied there).
@@ -1584,12 +1718,25 @@ impl Filesystem {
         }
         // Clean: copy first (if it fails, nothing has changed). The copy is a new object with
         // an ETag of its own (a copied multipart object gets a single-part ETag).
-        let size = local.as_ref().map(|l| l.size()).or(remote_size);
+        let size = local
+            .as_ref()
+            .map(|l| l.size())
+            .or(remote.as_ref().map(|r| r.size));
+        let copied_from = local
+            .as_ref()
+            .and_then(|l| l.etag())
+            .or(remote.map(|r| r.etag));
         let copied_etag = match size.filter(|_| !dirty) {
-            Some(size) => Some(
-                crate::store::copy_object(self.store.as_ref(), &old_key, &new_key, size, None)
-                    .await?,
-            ),
+            Some(size) => {
+                let etag =
+                    crate::store::copy_object(self.store.as_ref(), &old_key, &new_key, size, None)
+                        .await?;
+                Self::follow_copies(&mut readers, |_, pinned| {
+                    (copied_from.as_deref() == Some(pinned))
+                        .then(|| (new_key.clone(), etag.clone()))
+                });
+                Some(etag)
+            }
             None => None,
         };
         // Dirty: the local data is the newest version; it is re-keyed and uploaded under the
@@ -1670,6 +1817,7 @@ impl Filesystem {
         // Everything under the prefix, counted before anything changes.
         let mut objects = Vec::new();
         let mut sizes = HashMap::new();
+        let mut etags = HashMap::new();
         let mut continuation = None;
         loop {
             let page = self
@@ -1683,6 +1831,7 @@ impl Filesystem {
                 .await?;
             for o in page.objects {
                 sizes.insert(o.key.clone(), o.size);
+                etags.insert(o.key.clone(), o.etag);
                 objects.push(o.key);
             }
             if objects.len() > self.config.max_rename_objects {
@@ -1700,6 +1849,10 @@ impl Filesystem {
             }
         }
         let renamed = |key: &str| -> String { format!("{to}{}", &key[from.len()..]) };
+        // Open handles reading a version that is copied follow it to its new key: `copied`
+        // maps (old key, ETag copied) to the copy's ETag.
+        let mut readers = self.lock_readers(|k| k.starts_with(from)).await;
+        let mut copied: HashMap<(String, String), String> = HashMap::new();
         // Local files first, each under its upload lock (no upload of it starts or ends while
         // it moves): a dirty one is re-keyed and uploads under the new name; a clean one is
         // copied in S3 like the rest, and its cached data re-keyed.
@@ -1727,6 +1880,7 @@ impl Filesystem {
                     local.size(),
                     None,
                 );
+                let source = local.etag();
                 let etag = match copy.await {
                     Ok(etag) => etag,
                     Err(StoreError::NotFound(_)) if !local_decides(&local) => {
@@ -1736,6 +1890,9 @@ impl Filesystem {
                     }
                     Err(e) => return Err(e.into()),
                 };
+                if let Some(source) = source {
+                    copied.insert((key.clone(), source), etag.clone());
+                }
                 local.set_etag(etag);
             }
             self.cache.rekey(&key, &new_key, Base::Unknown)?;
@@ -1751,27 +1908,38 @@ impl Filesystem {
             .map(|k| (k.clone(), renamed(k), sizes.get(k).copied().unwrap_or(0)))
             .collect();
         let store = &self.store;
-        let copies: Vec<Result<String, StoreError>> = futures::stream::iter(pairs)
+        let copies: Vec<(String, Result<String, StoreError>)> = futures::stream::iter(pairs)
             .map(|(from, to, size)| async move {
-                if from.ends_with('/') {
-                    // A directory marker is written anew (some servers, SeaweedFS among them,
-                    // cannot copy one), with its stored attributes.
-                    let head = store.head(&from).await?;
-                    let options = PutOptions {
-                        metadata: head.metadata,
-                        ..PutOptions::default()
-                    };
-                    let empty = crate::store::Body::Bytes(Bytes::new());
-                    return store.put(&to, empty, &options).await;
-                }
-                crate::store::copy_object(store.as_ref(), &from, &to, size, None).await
+                let copy = async {
+                    if from.ends_with('/') {
+                        // A directory marker is written anew (some servers, SeaweedFS among them,
+                        // cannot copy one), with its stored attributes.
+                        let head = store.head(&from).await?;
+                        let options = PutOptions {
+                            metadata: head.metadata,
+                            ..PutOptions::default()
+                        };
+                        let empty = crate::store::Body::Bytes(Bytes::new());
+                        return store.put(&to, empty, &options).await;
+                    }
+                    crate::store::copy_object(store.as_ref(), &from, &to, size, None).await
+                };
+                let copied = copy.await;
+                (from, copied)
             })
             .buffer_unordered(RENAME_CONCURRENCY)
             .collect()
             .await;
-        for copy in copies {
-            copy?;
+        for (key, copy) in copies {
+            let etag = copy?;
+            if let Some(source) = etags.remove(&key) {
+                copied.insert((key, source), etag);
+            }
         }
+        Self::follow_copies(&mut readers, |key, pinned| {
+            let etag = copied.get(&(key.to_owned(), pinned.to_owned()))?;
+            Some((renamed(key), etag.clone()))
+        });
         let (new_parent, new_name) = new;
         self.exists_now(new_parent, new_name);
         {

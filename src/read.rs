@@ -99,6 +99,20 @@ impl Reader {
         self.size
     }
 
+    /// The object version this reader is pinned to: `(key, ETag)`.
+    pub fn pinned(&self) -> (&str, &str) {
+        (&self.key, &self.etag)
+    }
+
+    /// Follow the same bytes to another object version: the mount's own server-side copy of
+    /// the pinned version (a rename, a metadata self-copy) made `(key, etag)`. GETs in flight
+    /// for the old version are dropped.
+    pub fn repin(&mut self, key: String, etag: String) {
+        self.clear();
+        self.key = key;
+        self.etag = etag;
+    }
+
     /// Drop every chunk, cancelling GETs in flight.
     fn clear(&mut self) {
         for chunk in self.chunks.drain(..) {
