@@ -1374,9 +1374,15 @@ impl Filesystem {
             (Some(file), _) => {
                 let end = offset.saturating_add(size as u64);
                 let span = crate::cache::fill_span(offset..end);
+                // A read that needs bytes fetched from S3 first is a cache miss.
+                let source = if file.missing_in(offset..end).is_empty() {
+                    "cache"
+                } else {
+                    "s3"
+                };
                 self.cache.fill(self.store.as_ref(), &file, span).await?;
                 let data = file.read_at(offset, size)?;
-                metrics::counter!(crate::metrics::names::READ_BYTES, "source" => "cache")
+                metrics::counter!(crate::metrics::names::READ_BYTES, "source" => source)
                     .increment(data.len() as u64);
                 Ok(Bytes::from(data))
             }

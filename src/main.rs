@@ -17,8 +17,8 @@ use bucketfs::{helper, metrics, service};
 const DAEMON_CHILD_ENV: &str = "BUCKETFS_DAEMON_CHILD";
 /// What the detached child prints on stdout once the mount answers.
 const READY_LINE: &str = "bucketfs-ready";
-/// How long a fresh mount may take to answer its first `statfs` before start-up goes on anyway
-/// (it answers within milliseconds; a kernel that takes longer is stuck elsewhere).
+/// How long a fresh mount may take to answer its first `statfs` before start-up fails (it
+/// answers within milliseconds; a kernel that takes longer is stuck elsewhere).
 const MOUNT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() -> ExitCode {
@@ -153,12 +153,18 @@ async fn serve(mut config: Config) -> Result<bool, StartError> {
             health.spawn_s3_probe(store),
         ]
     });
-    // READY only once the kernel routes requests to us and the root answers.
+    // READY only once the kernel routes requests to us and the root answers; a mount that
+    // never answers is taken down again and the start fails (nothing was written through it).
     if !service::wait_until_answers(&config.mountpoint, MOUNT_ANSWER_TIMEOUT).await {
-        tracing::warn!(
-            "the new mount does not answer after {}s; reporting ready anyway",
+        mounted.shutdown(config.drain_timeout).await;
+        for task in observers.into_iter().flatten() {
+            task.abort();
+        }
+        return Err(StartError(format!(
+            "the new mount at {} did not answer within {}s",
+            config.mountpoint.display(),
             MOUNT_ANSWER_TIMEOUT.as_secs()
-        );
+        )));
     }
     service::ready(&config.source.url(), &config.mountpoint);
     if std::env::var_os(DAEMON_CHILD_ENV).is_some() {

@@ -355,8 +355,16 @@ async fn scheduler(inner: std::sync::Weak<Inner>) {
         for (permit, file, forced) in ready {
             let this = this.clone();
             tokio::spawn(async move {
+                let failed_before = file.failures();
                 let result = upload(&this, &file, forced).await;
                 drop(permit);
+                if result.is_ok() && failed_before > 0 && file.failures() == 0 {
+                    tracing::info!(
+                        key = file.key(),
+                        failed_attempts = failed_before,
+                        "upload recovered: in S3 after earlier failures"
+                    );
+                }
                 finish(&this, &file, result);
                 this.wake.notify_one();
             });
