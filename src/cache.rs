@@ -176,6 +176,11 @@ impl Cache {
                 );
                 continue;
             }
+            if actual > r.size {
+                // Writes after the record (a writer open at the crash, never closed): cut
+                // off, or growing the file later would show them instead of zeros.
+                file.set_len(r.size)?;
+            }
             let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.mtime_ns as u64);
             let local = Arc::new(LocalFile::new(
                 r.id,

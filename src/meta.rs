@@ -11,11 +11,12 @@
 //! | `x-amz-meta-gid`    | decimal                                                  |
 //! | `x-amz-meta-mtime`  | seconds since the epoch, `SECS` or `SECS.NANOS`           |
 //!
-//! Only what was set is stored: an object written with the mount's defaults and never chmod'ed
-//! or touched carries no metadata at all (exactly like one written by any other S3 tool), shows
-//! the mount's defaults, and LastModified as its mtime. A write clears a stored mtime (the file
-//! changed now, so its mtime is its upload time again). A symlink is an object whose body is the
-//! target and whose mode has the `S_IFLNK` type bits, as in s3fs.
+//! Only what was set is stored, plus the mtime of every upload of a closed file (the time of
+//! its last write, so the file shows the same mtime before and after it leaves the cache): an
+//! object another S3 tool wrote carries none of them, shows the mount's defaults, and
+//! LastModified as its mtime. A write clears a stored mtime set by `utimens` (the file changed
+//! now). A symlink is an object whose body is the target and whose mode has the `S_IFLNK` type
+//! bits, as in s3fs.
 //!
 //! Values that do not parse are ignored (the defaults apply), never an error: metadata is
 //! written by other tools too.

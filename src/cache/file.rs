@@ -260,12 +260,25 @@ impl LocalFile {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let s = self.state();
+        Self::snapshot_locked(&self.state())
+    }
+
+    /// The upload's view of state `s`. Data no writer has open is final, and its mtime goes up
+    /// with it (`x-amz-meta-mtime`, unless one is stored already), so the file shows the same
+    /// mtime after it leaves the cache or the mount restarts (Open WebUI's HTTP ETags and
+    /// `rsync` derive from it). A streamed upload, created while the file is still being
+    /// written, cannot know its final mtime and carries none: the object's LastModified is
+    /// its mtime then.
+    fn snapshot_locked(s: &State) -> Snapshot {
+        let mut meta = s.meta;
+        if s.writers == 0 && meta.mtime.is_none() {
+            meta.mtime = Some(s.mtime);
+        }
         Snapshot {
             key: s.key.clone(),
             size: s.size,
             generation: s.generation,
-            meta: s.meta,
+            meta,
             base: s.base.clone(),
         }
     }
@@ -275,16 +288,7 @@ impl LocalFile {
         let s = self.state();
         let mut buf = vec![0u8; s.size as usize];
         self.file.read_exact_at(&mut buf, 0)?;
-        Ok((
-            Snapshot {
-                key: s.key.clone(),
-                size: s.size,
-                generation: s.generation,
-                meta: s.meta,
-                base: s.base.clone(),
-            },
-            buf,
-        ))
+        Ok((Self::snapshot_locked(&s), buf))
     }
 
     /// Record that `snapshot` is in S3 as `etag`; returns false if the file changed since.

@@ -291,11 +291,6 @@ struct FileState {
     before_writers: Option<Vec<u8>>,
     /// The contents at the last fsync or sync of everything.
     last_synced: Option<Vec<u8>>,
-    /// Came back from a crash that cut off a writer: its data file may hold bytes past its
-    /// size, which growing it would show. A known bug, reported: recovery does not cut the
-    /// data file to the journaled size. Growing such a file is left out until a truncate
-    /// (which cuts the data file; not grown, then).
-    stale_tail: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -393,7 +388,6 @@ impl Model {
             writers: 0,
             before_writers: None,
             last_synced: None,
-            stale_tail: false,
         };
         self.files.insert(id, state);
         if let Some(old) = self.names.insert(path.to_string(), id) {
@@ -462,13 +456,6 @@ impl Model {
         let file = self.file(id);
         file.bytes.resize(size as usize, 0);
         file.synced = false;
-    }
-
-    /// Whether growing file `id` to `size` bytes (or leaving a gap below it) would show the
-    /// stale tail of a crash (see `FileState::stale_tail`).
-    fn shows_stale_tail(&self, id: FileId, size: u64) -> bool {
-        let file = &self.files[&id];
-        file.stale_tail && size > file.bytes.len() as u64
     }
 
     /// A successful `rename` (the caller checked every error case).
@@ -767,9 +754,6 @@ impl World {
                 if !h.write {
                     return Ok(()); // the kernel refuses (EBADF)
                 }
-                if !h.append && self.model.shows_stale_tail(h.file, *offset) {
-                    return Ok(());
-                }
                 let data = pattern(*len, *seed);
                 let n = errno(self.run("write", self.fs().write(h.fh, *offset, &data))?)
                     .map_err(|e| format!("write: errno {e}"))?;
@@ -1019,9 +1003,6 @@ impl World {
     }
 
     fn truncate(&mut self, ino: Ino, fh: Option<u64>, id: FileId, size: u64) -> Check {
-        if self.model.shows_stale_tail(id, size) {
-            return Ok(());
-        }
         let change = SetAttr {
             size: Some(size),
             fh,
@@ -1035,7 +1016,6 @@ impl World {
             attr.size
         );
         self.model.truncate(id, size);
-        self.model.file(id).stale_tail = false;
         Ok(())
     }
 
@@ -1162,8 +1142,7 @@ impl World {
                     } else {
                         "other mode"
                     };
-                    let id = self.model.add_file(&path, data, attr.perm, false);
-                    self.model.file(id).stale_tail = true;
+                    self.model.add_file(&path, data, attr.perm, false);
                     format!("{outcome}, {mode}")
                 }
                 seen => return Err(format!("{path} after the crash: {seen:?}")),
@@ -1685,4 +1664,36 @@ async fn handles_reading_from_s3_see_a_truncate_after_its_upload() {
         assert_eq!(fs.read(fh, 0, 2000).await.unwrap().len(), 1106);
         fs.release(fh).await.unwrap();
     }
+}
+
+/// A writer that grew a closed file was cut off by a crash: recovery takes the journaled size
+/// and cuts the data file to it, so growing the file afterwards shows zeros, not the lost
+/// writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn growing_a_file_recovered_from_a_crash_shows_zeros_not_lost_writes() {
+    let cache = tempfile::tempdir().unwrap();
+    let (store, fs) = mount_for_test(cache.path(), Duration::from_secs(3600));
+    let (entry, fh) = fs.create(ROOT_INO, "f", 0o644, libc::O_RDWR).await.unwrap();
+    fs.write(fh, 0, b"closed").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let writing = OpenMode {
+        write: true,
+        ..OpenMode::default()
+    };
+    let fh = fs.open(entry.attr.ino, writing).await.unwrap();
+    fs.write(fh, 6, b"lost").await.unwrap();
+    drop(fs); // a crash with the writer open
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fs = Filesystem::new(store.clone(), PREFIX.into(), config(cache.path())).unwrap();
+    let f = fs.lookup(ROOT_INO, "f").await.unwrap().attr;
+    assert_eq!(f.size, 6, "the journaled size");
+    let change = SetAttr {
+        size: Some(10),
+        ..SetAttr::default()
+    };
+    fs.setattr(f.ino, change).await.unwrap();
+    let fh = fs.open(f.ino, OpenMode::default()).await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"closed\0\0\0\0");
+    fs.release(fh).await.unwrap();
 }

@@ -13,6 +13,7 @@ both_servers!(
     symlinks_are_objects_and_hard_links_are_refused,
     directory_rename_moves_every_object,
     an_upload_never_overwrites_another_clients_change,
+    a_written_file_keeps_its_mtime_after_the_upload_and_a_remount,
 );
 
 async fn head_metadata(
@@ -37,6 +38,31 @@ fn set_mtime(path: &Path, t: SystemTime) {
         .unwrap()
         .set_modified(t)
         .unwrap();
+}
+
+/// A file written through the mount (no utimens) shows the time of its last write before its
+/// upload, after it, and on a fresh mount with an empty cache: the upload stores that time as
+/// `x-amz-meta-mtime` (LastModified, the upload's time, would move it).
+async fn a_written_file_keeps_its_mtime_after_the_upload_and_a_remount(server: Server) {
+    let bucket = s3::fresh_bucket(server).await;
+    let client = sdk_client(server).await;
+    let written = {
+        let m = Mount::s3(server, &bucket, "p", &[]);
+        std::fs::write(m.join("f.txt"), b"contents").unwrap();
+        let written = std::fs::metadata(m.join("f.txt"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        // Uploaded a second or more later (the write-back delay).
+        assert!(m.stop().success(), "the drain uploads everything");
+        written
+    };
+    let md = head_metadata(&client, &bucket, "p/f.txt").await;
+    assert!(md.contains_key("mtime"), "{md:?}");
+    let m = Mount::s3(server, &bucket, "p", &[]);
+    let st = std::fs::metadata(m.join("f.txt")).unwrap();
+    assert_eq!(st.modified().unwrap(), written);
+    assert_eq!(std::fs::read(m.join("f.txt")).unwrap(), b"contents");
 }
 
 /// chmod, chown and utimens land in `x-amz-meta-{mode,uid,gid,mtime}` with s3fs's encodings,
@@ -133,12 +159,19 @@ async fn attributes_persist_in_s3fs_compatible_metadata(server: Server) {
         .write_all(b"+")
         .unwrap();
     let st = std::fs::metadata(m.join("dirty.txt")).unwrap();
-    assert!(st.modified().unwrap() > before);
+    let written = st.modified().unwrap();
+    assert!(written > before);
     assert_eq!(st.mode() & 0o7777, 0o600);
     assert!(m.stop().success());
     let md = head_metadata(&client, &bucket, "p/dirty.txt").await;
     assert_eq!(md.get("mode").map(String::as_str), Some("33152"));
-    assert_eq!(md.get("mtime"), None, "a write clears the stored mtime");
+    let since_epoch = written.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let stored = format!("{}.{:09}", since_epoch.as_secs(), since_epoch.subsec_nanos());
+    assert_eq!(
+        md.get("mtime"),
+        Some(&stored),
+        "the upload stores the write's time, not the utimens one"
+    );
     assert_eq!(get_object(&client, &bucket, "p/dirty.txt").await, b"dirty+");
 }
 
