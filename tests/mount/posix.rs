@@ -166,7 +166,11 @@ async fn attributes_persist_in_s3fs_compatible_metadata(server: Server) {
     let md = head_metadata(&client, &bucket, "p/dirty.txt").await;
     assert_eq!(md.get("mode").map(String::as_str), Some("33152"));
     let since_epoch = written.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-    let stored = format!("{}.{:09}", since_epoch.as_secs(), since_epoch.subsec_nanos());
+    let stored = format!(
+        "{}.{:09}",
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos()
+    );
     assert_eq!(
         md.get("mtime"),
         Some(&stored),
