@@ -24,11 +24,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
+mod dir;
 mod inode;
 #[cfg(test)]
 mod model;
@@ -84,8 +85,10 @@ enum Handle {
         append: bool,
         write: bool,
     },
-    /// A directory listing, snapshotted at `opendir`.
-    Dir { entries: Arc<Vec<DirEntry>> },
+    /// A directory being listed (see `dir`).
+    Dir {
+        stream: Arc<tokio::sync::Mutex<dir::DirStream>>,
+    },
 }
 
 pub struct Filesystem {
@@ -511,68 +514,6 @@ impl Filesystem {
         }
     }
 
-    /// Read the stored attributes of `dir`'s children that a listing left unknown, in
-    /// parallel, so that `ls -l` right after `readdir` answers every `stat` from the table.
-    /// With `listing_attributes`, take them for the defaults instead (no request).
-    async fn fetch_child_meta(&self, dir: Ino, dir_prefix: &str) {
-        if self.config.listing_attributes {
-            let mut table = self.table();
-            let unknown: Vec<Ino> = table
-                .children(dir)
-                .filter(|(_, node)| node.meta.is_none())
-                .map(|(ino, _)| ino)
-                .collect();
-            for ino in unknown {
-                if let Some(node) = table.get_mut(ino) {
-                    node.meta = Some(PosixMeta::default());
-                }
-            }
-            return;
-        }
-        let todo: Vec<(Ino, String)> = {
-            let table = self.table();
-            table
-                .children(dir)
-                .filter(|(_, node)| node.meta.is_none())
-                .map(|(ino, node)| {
-                    let key = format!("{dir_prefix}{}", node.name);
-                    match node.kind {
-                        FileKind::Directory => (ino, format!("{key}/")),
-                        _ => (ino, key),
-                    }
-                })
-                .collect()
-        };
-        let found: Vec<(Ino, FsResult<crate::store::ObjectMeta>)> =
-            futures::stream::iter(todo)
-                .map(|(ino, key)| async move {
-                    (ino, self.store.head(&key).await.map_err(FsError::from))
-                })
-                .buffer_unordered(META_FETCH_CONCURRENCY)
-                .collect()
-                .await;
-        let mut table = self.table();
-        for (ino, head) in found {
-            let Some(node) = table.get_mut(ino) else {
-                continue;
-            };
-            match (node.kind, head) {
-                (FileKind::Directory, Ok(head)) => {
-                    node.meta = Some(PosixMeta::from_metadata(&head.metadata));
-                }
-                (FileKind::Directory, Err(e)) if e.errno_value() == libc::ENOENT => {
-                    node.meta = Some(PosixMeta::default());
-                }
-                // Only if the object is still the version listed (else the next stat asks).
-                (_, Ok(head)) if node.remote.as_ref().is_some_and(|r| r.etag == head.etag) => {
-                    node.set_head(&head);
-                }
-                (_, Ok(_)) => {}
-                (_, Err(e)) => tracing::debug!(ino, "metadata of a listed entry: {e}"),
-            }
-        }
-    }
-
     fn negative(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(Ino, String), Instant>> {
         self.negative.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -781,143 +722,6 @@ impl Filesystem {
 
     // ---- directories ------------------------------------------------------------------------
 
-    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
-        let (path, parent) = {
-            let table = self.table();
-            let node = table.get(ino).ok_or_else(FsError::not_found)?;
-            if node.kind != FileKind::Directory {
-                return Err(FsError::errno(libc::ENOTDIR));
-            }
-            (Self::path_of(&table, ino)?, node.parent)
-        };
-        let prefix = self.key(&path, FileKind::Directory);
-        // Names cached before the listing only as clean copies: if the listing lacks one,
-        // another client deleted it.
-        let clean_copies: HashSet<String> = self
-            .cache
-            .children(&prefix)
-            .into_iter()
-            .filter(|(_, l)| !local_decides(l))
-            .map(|(name, _)| name)
-            .collect();
-        let mut dirs: Vec<String> = Vec::new();
-        let mut files: Vec<crate::store::ObjectMeta> = Vec::new();
-        let mut continuation = None;
-        loop {
-            let page = self
-                .store
-                .list(ListRequest {
-                    prefix: &prefix,
-                    delimiter: Some("/"),
-                    continuation,
-                    max_keys: None,
-                })
-                .await?;
-            for p in page.prefixes {
-                let name = &p[prefix.len()..p.len() - 1];
-                if self.usable_name(name, &p) {
-                    dirs.push(name.to_string());
-                }
-            }
-            for o in page.objects {
-                if o.key.len() == prefix.len() {
-                    continue; // the directory's own marker
-                }
-                let name = &o.key[prefix.len()..];
-                if self.usable_name(name, &o.key) {
-                    files.push(o);
-                }
-            }
-            match page.next {
-                Some(token) => continuation = Some(token),
-                None => break,
-            }
-        }
-        let local: HashMap<String, Arc<LocalFile>> =
-            self.cache.children(&prefix).into_iter().collect();
-        let dir_names: HashSet<&str> = dirs.iter().map(String::as_str).collect();
-        let mut entries = vec![
-            DirEntry {
-                ino,
-                kind: FileKind::Directory,
-                name: ".".into(),
-                offset: 1,
-            },
-            DirEntry {
-                ino: parent,
-                kind: FileKind::Directory,
-                name: "..".into(),
-                offset: 2,
-            },
-        ];
-        let push = |entries: &mut Vec<DirEntry>, ino: Ino, kind: FileKind, name: String| {
-            let offset = entries.len() as u64 + 1;
-            entries.push(DirEntry {
-                ino,
-                kind,
-                name,
-                offset,
-            });
-        };
-        {
-            let mut table = self.table();
-            let now = Some(Instant::now());
-            for name in &dirs {
-                let child = table.upsert_child(ino, name, FileKind::Directory);
-                if let Some(node) = table.get_mut(child) {
-                    node.validated = now;
-                }
-                push(&mut entries, child, FileKind::Directory, name.clone());
-            }
-            let mut listed: HashSet<String> = HashSet::new();
-            for o in files {
-                let name = o.key[prefix.len()..].to_string();
-                if dir_names.contains(name.as_str()) {
-                    self.warn_once(
-                        &o.key,
-                        "is both an object and a prefix; the directory is shown",
-                    );
-                    continue;
-                }
-                let child = table.upsert_child(ino, &name, FileKind::File);
-                if let Some(node) = table.get_mut(child) {
-                    node.set_listed(&o, Instant::now());
-                }
-                listed.insert(name.clone());
-                push(&mut entries, child, FileKind::File, name);
-            }
-            // Files written here and not yet in S3 (or not yet in its listing).
-            for (name, file) in &local {
-                if !listed.contains(name)
-                    && !dir_names.contains(name.as_str())
-                    && (local_decides(file) || !clean_copies.contains(name))
-                {
-                    let child = table.upsert_child(ino, name, FileKind::File);
-                    push(&mut entries, child, FileKind::File, name.clone());
-                }
-            }
-            if entries.len() <= LISTING_MAX {
-                let names = entries.iter().skip(2).map(|e| e.name.clone()).collect();
-                if let Some(node) = table.get_mut(ino) {
-                    node.listing = Some((Instant::now(), names));
-                }
-            }
-        }
-        self.fetch_child_meta(ino, &prefix).await;
-        {
-            // Symbolic links are known once their stored mode is.
-            let table = self.table();
-            for e in entries.iter_mut().skip(2) {
-                if let Ok(attr) = self.attr_of(&table, e.ino) {
-                    e.kind = attr.kind;
-                }
-            }
-        }
-        Ok(self.insert_handle(Handle::Dir {
-            entries: Arc::new(entries),
-        }))
-    }
-
     fn usable_name(&self, name: &str, key: &str) -> bool {
         if name.is_empty() || name == "." || name == ".." || name.len() > NAME_MAX {
             self.warn_once(
@@ -927,63 +731,6 @@ impl Filesystem {
             return false;
         }
         true
-    }
-
-    /// Entries after `offset` (0 = from the start).
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
-        let entries = self.dir_snapshot(fh)?;
-        Ok(entries.iter().skip(offset as usize).cloned().collect())
-    }
-
-    /// The listing `opendir` took for directory handle `fh` (its first entry is `.`).
-    fn dir_snapshot(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        match self.handle_table().get(&fh) {
-            Some(Handle::Dir { entries }) => Ok(entries.clone()),
-            _ => Err(FsError::errno(libc::EBADF)),
-        }
-    }
-
-    /// `readdir` with attributes (FUSE READDIRPLUS), so that the kernel needs no LOOKUP per
-    /// entry. `add` hands one entry to the kernel and says whether the reply is full (that
-    /// entry not taken). Each entry taken, `.` and `..` aside, is a lookup the kernel will
-    /// FORGET, counted here. An entry unlinked since `opendir` is left out; one renamed since,
-    /// or whose attributes are not confirmed within the TTL, goes with a zero TTL, so the
-    /// kernel asks again before trusting it.
-    pub fn readdir_plus(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut add: impl FnMut(&DirEntry, &Entry) -> bool,
-    ) -> FsResult<()> {
-        let entries = self.dir_snapshot(fh)?;
-        let dir = entries.first().map_or(ROOT_INO, |dot| dot.ino);
-        let mut table = self.table();
-        for e in entries.iter().skip(offset as usize) {
-            let dot = e.name == "." || e.name == "..";
-            let Some(node) = table.get(e.ino) else {
-                continue;
-            };
-            let current = dot || (node.parent == dir && node.name == e.name);
-            let Ok(attr) = self.attr_of(&table, e.ino) else {
-                continue;
-            };
-            let ttl = if current && self.answers_locally(node) {
-                self.config.metadata_ttl
-            } else {
-                Duration::ZERO
-            };
-            if add(e, &Entry { attr, ttl }) {
-                break;
-            }
-            if !dot && let Some(node) = table.get_mut(e.ino) {
-                node.lookups += 1;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.handle_table().remove(&fh);
     }
 
     /// A directory marker `name/`, carrying `mode` when it is not the mount's default.

@@ -89,18 +89,6 @@ struct Op {
     span: tracing::Span,
 }
 
-/// Run `f`, a core call answered from memory, on the FUSE thread itself, inside `op`'s span;
-/// errors are logged and the latency recorded as for spawned operations.
-fn inline<T>(Op { name, span }: Op, f: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
-    let start = Instant::now();
-    let result = span.in_scope(f);
-    if let Err(e) = &result {
-        span.in_scope(|| log_error(e));
-    }
-    record_latency(name, start);
-    result
-}
-
 fn record_latency(op: &'static str, start: Instant) {
     metrics::histogram!(crate::metrics::names::FUSE_OP_SECONDS, "op" => op)
         .record(start.elapsed().as_secs_f64());
@@ -526,22 +514,22 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        // Served from the snapshot taken at opendir: no I/O.
-        let listed = inline(
+        // A chunk already listed is answered at once; past it, the next LIST page is fetched.
+        self.spawn(
             span!("readdir", req, ino = ino.0, fh = fh.0, offset = offset),
-            || {
-                for e in self.fs.readdir(fh.0, offset)? {
-                    if reply.add(INodeNo(e.ino), e.offset, file_type(e.kind), &e.name) {
-                        break;
+            |fs| async move { fs.readdir(fh.0, offset).await },
+            move |r| match r {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(INodeNo(e.ino), e.offset, file_type(e.kind), &e.name) {
+                            break;
+                        }
                     }
+                    reply.ok()
                 }
-                Ok(())
+                Err(e) => reply.error(errno(e)),
             },
         );
-        match listed {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
     }
 
     fn readdirplus(
@@ -552,26 +540,27 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        // Served from the snapshot taken at opendir, like `readdir`.
-        let listed = inline(
+        let fs = self.fs.clone();
+        self.spawn(
             span!("readdirplus", req, ino = ino.0, fh = fh.0, offset = offset),
-            || {
-                self.fs.readdir_plus(fh.0, offset, |e, entry| {
-                    reply.add(
-                        INodeNo(e.ino),
-                        e.offset,
-                        &e.name,
-                        &entry.ttl,
-                        &file_attr(&entry.attr),
-                        Generation(0),
-                    )
-                })
+            |fs| async move { fs.readdir(fh.0, offset).await },
+            move |r| match r {
+                Ok(entries) => {
+                    fs.readdir_plus(ino.0, &entries, |e, entry| {
+                        reply.add(
+                            INodeNo(e.ino),
+                            e.offset,
+                            &e.name,
+                            &entry.ttl,
+                            &file_attr(&entry.attr),
+                            Generation(0),
+                        )
+                    });
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
             },
         );
-        match listed {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
     }
 
     fn releasedir(

@@ -126,21 +126,18 @@ impl InodeTable {
         }
     }
 
+    /// Inodes held (the root included).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+
     pub fn get(&self, ino: Ino) -> Option<&Inode> {
         self.inodes.get(&ino)
     }
 
     pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Inode> {
         self.inodes.get_mut(&ino)
-    }
-
-    /// The children of directory `dir`.
-    pub fn children(&self, dir: Ino) -> impl Iterator<Item = (Ino, &Inode)> {
-        self.inodes
-            .get(&dir)
-            .into_iter()
-            .flat_map(|d| d.children.values())
-            .filter_map(|ino| Some((*ino, self.inodes.get(ino)?)))
     }
 
     pub fn child(&self, parent: Ino, name: &str) -> Option<Ino> {

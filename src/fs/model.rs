@@ -1202,7 +1202,8 @@ impl World {
             let fs = self.fs();
             let fh = errno(self.run("opendir", fs.opendir(ino))?)
                 .map_err(|e| format!("opendir {dir:?}: errno {e}"))?;
-            let entries = errno(fs.readdir(fh, 0)).map_err(|e| format!("readdir: errno {e}"))?;
+            let entries = errno(self.run("readdir", fs.readdir_to_end(fh))?)
+                .map_err(|e| format!("readdir: errno {e}"))?;
             fs.releasedir(fh);
             let listed: BTreeMap<String, FileKind> = entries
                 .into_iter()
@@ -1345,7 +1346,8 @@ async fn object(store: &MemoryStore, key: &str) -> Option<Vec<u8>> {
 
 async fn listed_names(fs: &Filesystem, dir: Ino) -> Vec<String> {
     let fh = fs.opendir(dir).await.unwrap();
-    let names = fs.readdir(fh, 2).unwrap().into_iter().map(|e| e.name);
+    let entries = fs.readdir_to_end(fh).await.unwrap();
+    let names = entries.into_iter().skip(2).map(|e| e.name);
     fs.releasedir(fh);
     names.collect()
 }

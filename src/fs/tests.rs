@@ -274,7 +274,8 @@ async fn a_file_changed_in_s3_meanwhile_is_kept_under_a_conflict_name() {
     assert_eq!(entry.attr.size, 11);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
     let names: Vec<String> = fs
-        .readdir(fh, 0)
+        .readdir_to_end(fh)
+        .await
         .unwrap()
         .into_iter()
         .map(|e| e.name)
@@ -596,4 +597,49 @@ async fn streamed_parts_are_voided_by_a_rewrite_and_the_object_is_exact() {
     assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
     assert_eq!(objects(&memory, "").await.get("f"), Some(&expected));
     assert!(memory.list_multipart_uploads("").await.unwrap().is_empty());
+}
+
+/// A directory of 100,000 objects lists completely, one LIST page per chunk, and memory stays
+/// bounded: no chunk holds more than a page (plus `.` and `..`), and with nothing the kernel
+/// holds on to, the inode table ends with at most `LISTING_MAX` plus a page of entries, not one
+/// per object.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_of_100_000_objects_lists_in_bounded_memory() {
+    const N: usize = 100_000;
+    let store = Arc::new(MemoryStore::new());
+    for i in 0..N {
+        let key = format!("p/big/f{i:06}");
+        store
+            .put(
+                &key,
+                crate::store::Body::Bytes(Bytes::new()),
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let config = FsConfig {
+        listing_attributes: true, // no HEAD per entry: 100,000 would only slow the test
+        ..config(cache.path())
+    };
+    let fs = Filesystem::new(store, "p/".into(), config).unwrap();
+    let dir = fs.lookup(ROOT_INO, "big").await.unwrap().attr.ino;
+    let fh = fs.opendir(dir).await.unwrap();
+    let (mut offset, mut listed, mut largest) = (0, 0, 0);
+    loop {
+        let chunk = fs.readdir(fh, offset).await.unwrap();
+        let Some(last) = chunk.last() else { break };
+        offset = last.offset;
+        largest = largest.max(chunk.len());
+        listed += chunk.iter().filter(|e| e.name.starts_with('f')).count();
+    }
+    fs.releasedir(fh);
+    assert_eq!(listed, N);
+    assert!(largest <= 1002, "a chunk of {largest} entries");
+    let inodes = fs.table().len();
+    assert!(
+        inodes <= LISTING_MAX + 1100,
+        "{inodes} inodes after the listing"
+    );
 }
