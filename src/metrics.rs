@@ -35,6 +35,9 @@ pub mod names {
     pub const S3_REQUESTS: &str = "bucketfs_s3_requests_total";
     /// Histogram `{op}`: S3 request latency (SDK retries included), seconds.
     pub const S3_REQUEST_SECONDS: &str = "bucketfs_s3_request_seconds";
+    /// Counter `{op}`: attempts the SDK made again after a failed one (throttling, 5xx, a lost
+    /// connection), by SDK operation name (`PutObject`…).
+    pub const S3_RETRIES: &str = "bucketfs_s3_retries_total";
     /// Counter `{direction="up"|"down"}`: object bytes sent and received.
     pub const S3_BYTES: &str = "bucketfs_s3_bytes_total";
     /// Histogram `{op}`: FUSE operation latency as the kernel sees it, seconds.

@@ -164,8 +164,11 @@ async fn bounded<T>(what: &str, call: impl Future<Output = T>) -> T {
     out
 }
 
+/// The SDK's own retries during an outage are counted (`bucketfs_s3_retries_total`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_through_the_proxy_survives_an_outage() {
+    // The only test of this binary that installs the (process-wide) metrics recorder.
+    let metrics = bucketfs::metrics::install().expect("metrics recorder");
     let server = Server::SeaweedFs;
     let bucket = s3::fresh_bucket(server).await;
     let proxy = FaultProxy::start(&s3::endpoint(server));
@@ -194,6 +197,13 @@ async fn s3_store_through_the_proxy_survives_an_outage() {
     .unwrap_err();
     assert!(matches!(err, StoreError::Transient(_)), "{err:?}");
     assert!(proxy.refused() >= 2, "refused {}", proxy.refused());
+    let rendered = metrics.render();
+    let retries: f64 = rendered
+        .lines()
+        .filter(|l| l.starts_with("bucketfs_s3_retries_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(retries >= 2.0, "SDK retries not counted:\n{rendered}");
 
     proxy.set_down(false);
     assert_eq!(read_all(&store, "before").await, b"written before");

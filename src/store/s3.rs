@@ -255,6 +255,7 @@ impl S3Store {
             // only by TCP/TLS (the returned ETag, its MD5, lets a caller verify it).
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .interceptor(CountRetries)
             .build();
 
         Ok(S3Store {
@@ -1169,6 +1170,37 @@ fn system_time(time: Option<&DateTime>) -> SystemTime {
 
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
+}
+
+/// Counts the SDK's own retries (`bucketfs_s3_retries_total{op}`): every attempt after the
+/// first of one request. What the store's callers see has been retried already.
+#[derive(Debug)]
+struct CountRetries;
+
+impl aws_sdk_s3::config::Intercept for CountRetries {
+    fn name(&self) -> &'static str {
+        "CountRetries"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        use aws_smithy_runtime_api::client::orchestrator::Metadata;
+        use aws_smithy_runtime_api::client::retries::RequestAttempts;
+        if cfg
+            .load::<RequestAttempts>()
+            .is_some_and(|a| a.attempts() > 1)
+        {
+            let op = cfg
+                .load::<Metadata>()
+                .map_or_else(|| "unknown".to_owned(), |m| m.name().to_owned());
+            metrics::counter!(crate::metrics::names::S3_RETRIES, "op" => op).increment(1);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
