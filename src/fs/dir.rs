@@ -6,8 +6,9 @@
 //! the local files S3 does not list yet (appended to the last page's chunk). A `readdir` at an
 //! offset before the current chunk (`rewinddir`) lists again from the start.
 //!
-//! Memory per open directory is one page (at most 1,000 entries) plus the directory's local
-//! files, whatever its size. In a directory larger than `LISTING_MAX`, the inodes of chunks
+//! While a chunk's HEADs run, the next page is already being listed. Memory per open
+//! directory is two pages (at most 1,000 entries each) plus the directory's local files,
+//! whatever its size. In a directory larger than `LISTING_MAX`, the inodes of chunks
 //! already handed out are dropped again unless the kernel holds them (READDIRPLUS entries are
 //! lookups the kernel forgets later), so a listing of 100,000 objects does not grow the inode
 //! table by 100,000.
@@ -48,6 +49,8 @@ pub(super) struct DirStream {
     chunk: Vec<DirEntry>,
     base: u64,
     next: NextPage,
+    /// The page at `next`, fetched while the current chunk's HEADs ran.
+    prefetched: Option<ListPage>,
     /// Listed objects a prefix later in the listing could still shadow, ascending; each is a
     /// prefix of the next.
     waiting: Vec<ObjectMeta>,
@@ -94,6 +97,7 @@ impl DirStream {
             chunk: Vec::new(),
             base: 0,
             next: NextPage::First,
+            prefetched: None,
             waiting: Vec::new(),
             local: local.into_iter().collect(),
             clean_copies,
@@ -241,15 +245,10 @@ impl Filesystem {
             NextPage::At(token) => Some(token.clone()),
             NextPage::Done => return Ok(()),
         };
-        let page = self
-            .store
-            .list(ListRequest {
-                prefix: &s.prefix,
-                delimiter: Some("/"),
-                continuation: continuation.clone(),
-                max_keys: None,
-            })
-            .await?;
+        let page = match s.prefetched.take() {
+            Some(page) => page,
+            None => self.list_page(&s.prefix, continuation.clone()).await?,
+        };
         let next = match page.next.clone() {
             Some(token) => NextPage::At(token),
             None => NextPage::Done,
@@ -325,7 +324,16 @@ impl Filesystem {
         for e in chunk.iter().filter(|e| e.name != "." && e.name != "..") {
             s.note_name(&e.name);
         }
-        self.fetch_meta(&s.prefix, &chunk).await;
+        // The chunk's HEADs, and meanwhile the next page (if that fails, the next chunk asks
+        // again and reports it).
+        let prefetch = async {
+            match &next {
+                NextPage::At(token) => self.list_page(&s.prefix, Some(token.clone())).await.ok(),
+                _ => None,
+            }
+        };
+        let ((), prefetched) = tokio::join!(self.fetch_meta(&s.prefix, &chunk), prefetch);
+        s.prefetched = prefetched;
         {
             // Symbolic links are known once their stored mode is.
             let table = self.table();
@@ -344,6 +352,17 @@ impl Filesystem {
         s.chunk = chunk;
         s.next = next;
         Ok(())
+    }
+
+    /// One page of the listing of the directory at `prefix`.
+    async fn list_page(&self, prefix: &str, continuation: Option<String>) -> FsResult<ListPage> {
+        let request = ListRequest {
+            prefix,
+            delimiter: Some("/"),
+            continuation,
+            max_keys: None,
+        };
+        Ok(self.store.list(request).await?)
     }
 
     /// Read the stored attributes of the entries of a chunk (of the directory at `prefix`)
