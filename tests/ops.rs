@@ -614,7 +614,29 @@ async fn metrics_count_requests_and_healthz_follows_s3_and_the_mount() {
     });
     assert!(up, "healthz did not recover\n{}", m.log_text());
 
-    // Once the daemon has exited, nothing listens.
+    // SIGTERM with a file still to upload and S3 away: while the drain waits, /healthz says
+    // 503 (the mount is no longer served) and /metrics still answers.
+    std::fs::write(m.join("b.bin"), b"pending").unwrap();
+    proxy.set_down(true);
+    // SAFETY: plain kill(2) on the test's own child.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    let mut last = String::new();
+    let draining = wait_for(Duration::from_secs(20), || {
+        http_get(&addr, "/healthz").is_some_and(|(code, body)| {
+            last = body;
+            code == 503
+        })
+    });
+    assert!(
+        draining,
+        "healthz during the drain: {last:?}\n{}",
+        m.log_text()
+    );
+    assert!(last.contains("not serving"), "{last}");
+    assert_eq!(sample(&scrape(&addr), "bucketfs_dirty_files"), Some(1.0));
+    proxy.set_down(false);
+
+    // Once the daemon has drained and exited, nothing listens.
     assert!(m.stop().success());
     assert!(http_get(&addr, "/healthz").is_none());
 }
