@@ -317,6 +317,7 @@ impl Cache {
     }
 
     fn forget_file(&self, index: &mut Index, file: &Arc<LocalFile>) {
+        file.state().drop_upload();
         file.mark_unlinked();
         file.set_indexed(false);
         index.lru.pop(&file.id());
@@ -349,7 +350,6 @@ impl Cache {
         index.by_key.insert(to.to_string(), file.clone());
         drop(index);
         let mut s = file.state();
-        s.key = to.to_string();
         if s.generation != s.clean_generation {
             // An upload under the old key is void: the generation bump makes it abort, and a
             // journaled multipart upload (addressed by key) must not be resumed.
@@ -357,6 +357,7 @@ impl Cache {
             s.generation += 1;
             s.base = base;
         }
+        s.key = to.to_string();
         if s.journaled {
             self.journal.write(&file.record_locked(&s), true)?;
             s.journaled_generation = s.generation;

@@ -1382,6 +1382,7 @@ impl Filesystem {
         let local = self.cache.remove(&key);
         if let Some(file) = &local {
             let _after_upload = file.upload_lock.lock().await;
+            self.writeback.abort_abandoned(file);
         }
         self.store.delete(&key).await?;
         let mut table = self.table();
@@ -1499,6 +1500,7 @@ impl Filesystem {
         let replaced = self.cache.rekey(&old_key, &new_key, Base::Unknown)?;
         if let Some(replaced) = &replaced {
             let _after_its_upload = replaced.upload_lock.lock().await;
+            self.writeback.abort_abandoned(replaced);
         }
         if let Some(local) = &local {
             match &copied_etag {

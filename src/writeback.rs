@@ -235,6 +235,16 @@ impl WriteBack {
         });
     }
 
+    /// Abort in the background the multipart uploads `file` gave up, for a file no upload
+    /// attempt will visit again (unlinked or replaced; the next attempt does it otherwise).
+    pub fn abort_abandoned(&self, file: &Arc<LocalFile>) {
+        let abandoned = file.take_abandoned();
+        if !abandoned.is_empty() {
+            let inner = self.inner.clone();
+            tokio::spawn(async move { abort_all(&inner, abandoned).await });
+        }
+    }
+
     /// `fsync`: upload `file` now and wait until its current contents are in S3. Returns the
     /// error of a failed attempt (the file stays queued and is retried in the background).
     pub async fn sync(&self, file: &Arc<LocalFile>) -> Result<(), UploadError> {
@@ -444,6 +454,7 @@ fn backoff(failures: u32) -> Duration {
 /// last close queues it again.
 async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<(), UploadError> {
     let _serial = file.upload_lock.lock().await;
+    abort_all(inner, file.take_abandoned()).await;
     if !file.is_dirty() || (file.has_writers() && !forced) {
         return Ok(());
     }
@@ -695,16 +706,19 @@ async fn upload_multipart(
         .buffer_unordered(inner.config.part_concurrency.max(1))
         .collect()
         .await;
-    if let Some(e) = results.into_iter().find_map(Result::err) {
-        if matches!(e, UploadError::Superseded) {
-            abort(inner, key, &upload_id).await;
-        }
-        // Otherwise keep the upload: the journal lets the retry skip the finished parts.
-        return Err(e);
-    }
-    if file.generation() != snapshot.generation || file.is_unlinked() {
+    let failed = results.into_iter().find_map(Result::err);
+    // A file changed during the attempt supersedes it, whatever its parts met meanwhile (a
+    // truncate cuts short the range a part is reading): the next attempt sends the new data.
+    if matches!(failed, Some(UploadError::Superseded))
+        || file.generation() != snapshot.generation
+        || file.is_unlinked()
+    {
         abort(inner, key, &upload_id).await;
         return Err(UploadError::Superseded);
+    }
+    if let Some(e) = failed {
+        // Keep the upload: the journal lets the retry skip the finished parts.
+        return Err(e);
     }
     let parts: Vec<CompletedPart> = {
         let r = shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -721,7 +735,10 @@ async fn upload_multipart(
         .complete_multipart(key, &upload_id, &parts, &condition(inner, &snapshot.base))
         .await
     {
-        Ok(etag) => Ok(etag),
+        Ok(etag) => {
+            file.upload_completed(&upload_id);
+            Ok(etag)
+        }
         Err(e @ StoreError::PreconditionFailed(_)) => {
             // Another client's version stands: these parts go up again under the conflict name.
             abort(inner, key, &upload_id).await;
@@ -781,7 +798,7 @@ async fn stream(inner: &Arc<Inner>, file: &Arc<LocalFile>) -> Result<(), UploadE
             // Another upload is in progress (a resumed or failed one): leave it to the close.
             (Some(_), None) => return Ok(()),
             (None, None) => {
-                let snapshot = file.snapshot();
+                let snapshot = file.streaming_snapshot();
                 abort_stale_uploads(inner, &snapshot.key).await;
                 let options = put_options(inner, &snapshot);
                 let upload_id = inner
@@ -902,9 +919,20 @@ async fn abort_stale_uploads(inner: &Inner, key: &str) {
     }
 }
 
+/// Abort multipart uploads a file gave up: (key, upload id) (see `State::abandoned`).
+async fn abort_all(inner: &Inner, abandoned: Vec<(String, String)>) {
+    for (key, upload_id) in abandoned {
+        tracing::debug!(key, upload_id, "aborting an abandoned multipart upload");
+        abort(inner, &key, &upload_id).await;
+    }
+}
+
 async fn abort(inner: &Inner, key: &str, upload_id: &str) {
-    if let Err(e) = inner.store.abort_multipart(key, upload_id).await {
-        tracing::warn!(key, upload_id, "cannot abort a stale multipart upload: {e}");
+    match inner.store.abort_multipart(key, upload_id).await {
+        // Aborted already (an upload is given up both by the attempt that ran it and by the
+        // change that voided it).
+        Ok(()) | Err(StoreError::NotFound(_)) => {}
+        Err(e) => tracing::warn!(key, upload_id, "cannot abort a stale multipart upload: {e}"),
     }
 }
 

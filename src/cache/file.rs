@@ -57,6 +57,10 @@ pub(super) struct State {
     /// Bytes `[0, claimed)` are committed to `upload` by the streaming uploader: uploaded, or
     /// being uploaded now. A change below them voids the upload.
     pub claimed: u64,
+    /// Multipart uploads (key, upload id) this file started and will never complete: voided
+    /// by a change, a rename or an unlink. The uploader aborts them. Not persisted: after a
+    /// crash, the next multipart upload of the key (or a bucket lifecycle rule) clears them.
+    pub abandoned: Vec<(String, String)>,
     /// The streaming uploader was started for the current writers (see `crate::writeback`); it
     /// is not started again, even once it has stopped, until the last writer closes.
     pub streaming: bool,
@@ -77,9 +81,11 @@ impl State {
         })
     }
 
-    /// Forget the multipart upload in progress.
+    /// Give up the multipart upload in progress: it is aborted later (see `abandoned`).
     pub fn drop_upload(&mut self) {
-        self.upload = None;
+        if let Some(upload) = self.upload.take() {
+            self.abandoned.push((self.key.clone(), upload.upload_id));
+        }
         self.claimed = 0;
     }
 
@@ -151,6 +157,7 @@ impl LocalFile {
                 accounted: 0,
                 upload: None,
                 claimed: 0,
+                abandoned: Vec::new(),
                 streaming: false,
                 due: None,
                 failures: 0,
@@ -254,26 +261,48 @@ impl LocalFile {
         self.state().claimed
     }
 
+    /// Upload `upload_id` was completed: it is the object now, not an upload to abandon.
+    pub fn upload_completed(&self, upload_id: &str) {
+        let mut s = self.state();
+        if s.upload.as_ref().is_some_and(|u| u.upload_id == upload_id) {
+            s.upload = None;
+            s.claimed = 0;
+        }
+    }
+
+    /// The multipart uploads given up since the last call, to abort (key, upload id).
+    pub fn take_abandoned(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.state().abandoned)
+    }
+
     /// The multipart upload the journal holds for this file, if any.
     pub fn journaled_upload(&self) -> Option<UploadRecord> {
         self.state().upload.clone()
     }
 
+    /// The upload's view of the file now. Its mtime goes up with the data (`x-amz-meta-mtime`,
+    /// unless one is stored already): the time of the last write this data holds, so the file
+    /// shows the same mtime after it leaves the cache or the mount restarts (Open WebUI's HTTP
+    /// ETags and `rsync` derive from it). A later write makes the file dirty again, and its
+    /// upload carries the later time.
     pub fn snapshot(&self) -> Snapshot {
         Self::snapshot_locked(&self.state())
     }
 
-    /// The upload's view of state `s`. Data no writer has open is final, and its mtime goes up
-    /// with it (`x-amz-meta-mtime`, unless one is stored already), so the file shows the same
-    /// mtime after it leaves the cache or the mount restarts (Open WebUI's HTTP ETags and
-    /// `rsync` derive from it). A streamed upload, created while the file is still being
-    /// written, cannot know its final mtime and carries none: the object's LastModified is
-    /// its mtime then.
+    /// The view a streamed upload is created with, while the file is still being written: its
+    /// metadata is fixed before the data is final, so it carries only the stored attributes
+    /// and no implied mtime (such an object shows its LastModified once it leaves the cache).
+    pub fn streaming_snapshot(&self) -> Snapshot {
+        let s = self.state();
+        Snapshot {
+            meta: s.meta,
+            ..Self::snapshot_locked(&s)
+        }
+    }
+
     fn snapshot_locked(s: &State) -> Snapshot {
         let mut meta = s.meta;
-        if s.writers == 0 && meta.mtime.is_none() {
-            meta.mtime = Some(s.mtime);
-        }
+        meta.mtime.get_or_insert(s.mtime);
         Snapshot {
             key: s.key.clone(),
             size: s.size,

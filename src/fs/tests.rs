@@ -562,6 +562,78 @@ async fn a_rewrite_during_the_first_upload_is_no_conflict() {
     assert_eq!(fs.writeback().stats().conflicts, 0);
 }
 
+/// A truncate while the parts of a multipart upload are read from the cache file cuts their
+/// ranges short: that attempt is superseded, so its multipart upload is aborted (not left in
+/// the bucket), it counts as no failure, and `fsync` returns once the new contents are in (the
+/// model test found it as an `fsync` error).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncate_during_a_multipart_upload_supersedes_it() {
+    let memory = Arc::new(MemoryStore::new());
+    let slow = Arc::new(FaultyStore::new(memory.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(slow.clone(), String::new(), config(cache.path())).unwrap();
+    write_file(&fs, "t", &body(12 << 20, 1)).await;
+    let ino = fs.lookup(ROOT_INO, "t").await.unwrap().attr.ino;
+    let fh = fs.open(ino, OpenMode::default()).await.unwrap();
+    // Every request waits, so the parts' bodies are read after the truncate below.
+    slow.set_latency(Duration::from_millis(300));
+    let (synced, truncated) = tokio::join!(fs.fsync(fh), async {
+        while slow.calls("upload_part") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let change = SetAttr {
+            size: Some(1000),
+            ..SetAttr::default()
+        };
+        fs.setattr(ino, change).await
+    });
+    truncated.unwrap();
+    synced.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    assert_eq!(objects(&memory, "").await["t"], body(1000, 1));
+    let left = memory.list_multipart_uploads("").await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(fs.writeback().stats().failed_attempts, 0);
+}
+
+/// A file unlinked while the streaming uploader has parts of it in S3 leaves no multipart
+/// upload behind (it would be billed storage no listing shows).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unlinked_file_leaves_no_multipart_upload_behind() {
+    let memory = Arc::new(MemoryStore::new());
+    let counted = Arc::new(FaultyStore::new(memory.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let fs = Filesystem::new(counted.clone(), String::new(), config(cache.path())).unwrap();
+    let (_, fh) = fs
+        .create(ROOT_INO, "u", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    for (i, chunk) in body(12 << 20, 2).chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+    }
+    for _ in 0..600 {
+        if counted.calls("upload_part") >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(counted.calls("upload_part") >= 1, "nothing streamed");
+    fs.unlink(ROOT_INO, "u").await.unwrap();
+    close(&fs, fh).await;
+    assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        left = memory.list_multipart_uploads("").await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(left.is_empty(), "{left:?}");
+    assert!(objects(&memory, "").await.is_empty());
+}
+
 /// The streaming uploader sends the parts of a file while it is written; a rewrite of a part
 /// already sent voids them, and what is completed at the close is exactly the file. Nothing is
 /// published while the file is open, and no multipart upload is left behind.
