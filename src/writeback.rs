@@ -454,12 +454,18 @@ fn backoff(failures: u32) -> Duration {
 /// last close queues it again.
 async fn upload(inner: &Inner, file: &Arc<LocalFile>, forced: bool) -> Result<(), UploadError> {
     let _serial = file.upload_lock.lock().await;
+    // Multipart uploads given up since the last attempt (voided by a change) are never
+    // completed: abort them first.
     abort_all(inner, file.take_abandoned()).await;
     if !file.is_dirty() || (file.has_writers() && !forced) {
         return Ok(());
     }
     let snapshot = file.snapshot();
     let (snapshot, sent) = if snapshot.size < inner.config.part_size {
+        // One PUT replaces the object: a multipart upload in progress (one not voided, with no
+        // part below the file's new end) will never be completed.
+        file.give_up_upload();
+        abort_all(inner, file.take_abandoned()).await;
         // A sparse file shrunk below a part: fetch the rest, then send it whole.
         inner
             .cache

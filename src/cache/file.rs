@@ -270,6 +270,11 @@ impl LocalFile {
         }
     }
 
+    /// Give up the multipart upload in progress, if any (see `State::abandoned`).
+    pub fn give_up_upload(&self) {
+        self.state().drop_upload();
+    }
+
     /// The multipart uploads given up since the last call, to abort (key, upload id).
     pub fn take_abandoned(&self) -> Vec<(String, String)> {
         std::mem::take(&mut self.state().abandoned)
