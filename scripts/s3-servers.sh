@@ -49,12 +49,18 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# A port whose +10000 gRPC twin is free too (SeaweedFS opens both).
+# A port whose +10000 gRPC twin is free too (SeaweedFS opens both), both below the kernel's
+# ephemeral range (32768 and up by default): a port there can be free to connect to yet taken
+# by the local end of some outgoing connection, and then SeaweedFS cannot bind it ("Port
+# allocation failed"). Ports already named in $TAKEN are skipped.
+TAKEN=" "
 free_port_pair() {
   local p
-  for _ in $(seq 1 50); do
-    p=$(( (RANDOM % 20000) + 20000 ))
+  for _ in $(seq 1 100); do
+    p=$(( (RANDOM % 12000) + 10000 ))
+    case $TAKEN in *" $p "*|*" $((p + 10000)) "*) continue ;; esac
     if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 10000))) 2>/dev/null; then
+      TAKEN="$TAKEN$p $((p + 10000)) "
       echo "$p"; return
     fi
   done
@@ -76,8 +82,30 @@ start_seaweed() {
   cat > "$dir/identities.json" <<JSON
 {"identities":[{"name":"ci","credentials":[{"accessKey":"$key","secretKey":"$secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
 JSON
-  local master volume filer s3
-  master=$(free_port_pair); volume=$(free_port_pair); filer=$(free_port_pair); s3=$(free_port_pair)
+  local master volume filer s3 attempt
+  # A port can still be taken between the check and the bind: try again on new ports.
+  for attempt in 1 2 3; do
+    # Not in $(…): the subshell would lose the ports each call adds to $TAKEN.
+    free_port_pair >"$dir/port"; master=$(cat "$dir/port")
+    free_port_pair >"$dir/port"; volume=$(cat "$dir/port")
+    free_port_pair >"$dir/port"; filer=$(cat "$dir/port")
+    free_port_pair >"$dir/port"; s3=$(cat "$dir/port")
+    if run_seaweed "$dir" "$master" "$volume" "$filer" "$s3"; then break; fi
+    log "SeaweedFS did not start (attempt $attempt of 3); log:"; tail -20 "$dir/log" >&2
+    stop_one "$dir"
+    [ "$attempt" -lt 3 ] || return 1
+  done
+  # The S3 port answers before the filer is ready to create buckets: the test harness
+  # creates its buckets with retries, so readiness here is the port answering.
+  cat >> "$1/env" <<ENV
+export BUCKETFS_TEST_SEAWEEDFS_ENDPOINT=http://127.0.0.1:$s3
+export BUCKETFS_TEST_SEAWEEDFS_ACCESS_KEY=$key
+export BUCKETFS_TEST_SEAWEEDFS_SECRET_KEY=$secret
+ENV
+}
+
+run_seaweed() { # DIR MASTER VOLUME FILER S3: start it, wait until S3 answers
+  local dir=$1 master=$2 volume=$3 filer=$4 s3=$5
   log "starting SeaweedFS (S3 on 127.0.0.1:$s3)"
   # `setsid bash -c 'echo $$ >pid; exec …'`: the recorded pid is the server itself, leading its
   # own process group, whatever setsid does about forking. Every test bucket is a collection
@@ -89,14 +117,7 @@ JSON
     -volume.max=10000 \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" -s3.port="$s3" \
     </dev/null >"$dir/log" 2>&1 &
-  wait_http "http://127.0.0.1:$s3/" 60 || { log "SeaweedFS did not start; log:"; tail -20 "$dir/log" >&2; return 1; }
-  # The S3 port answers before the filer is ready to create buckets: the test harness
-  # creates its buckets with retries, so readiness here is the port answering.
-  cat >> "$1/env" <<ENV
-export BUCKETFS_TEST_SEAWEEDFS_ENDPOINT=http://127.0.0.1:$s3
-export BUCKETFS_TEST_SEAWEEDFS_ACCESS_KEY=$key
-export BUCKETFS_TEST_SEAWEEDFS_SECRET_KEY=$secret
-ENV
+  wait_http "http://127.0.0.1:$s3/" 60
 }
 
 start_localstack() {
@@ -121,17 +142,20 @@ export BUCKETFS_TEST_LOCALSTACK_SECRET_KEY=test
 ENV
 }
 
+stop_one() { # DIR: the server whose pid file is DIR/pid
+  local pid
+  [ -f "$1/pid" ] || return 0
+  pid=$(cat "$1/pid")
+  # Each server runs in its own session (setsid): signal the whole group.
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$1/pid"
+}
+
 stop() {
-  local d pid
-  for d in "$1"/seaweed "$1"/localstack; do
-    [ -f "$d/pid" ] || continue
-    pid=$(cat "$d/pid")
-    # Each server runs in its own session (setsid): signal the whole group.
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$d/pid"
-  done
+  local d
+  for d in "$1"/seaweed "$1"/localstack; do stop_one "$d"; done
 }
 
 case ${1:-} in
