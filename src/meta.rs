@@ -13,11 +13,10 @@
 //!
 //! Only what was set is stored, plus the mtime of every upload but a streamed one (the time of
 //! the last write it holds, so the file shows the same mtime before and after it leaves the
-//! cache): an
-//! object another S3 tool wrote carries none of them, shows the mount's defaults, and
-//! LastModified as its mtime. A write clears a stored mtime set by `utimens` (the file changed
-//! now). A symlink is an object whose body is the target and whose mode has the `S_IFLNK` type
-//! bits, as in s3fs.
+//! cache): an object another S3 tool wrote carries none of them, shows the mount's defaults,
+//! and LastModified as its mtime. A write clears a stored mtime set by `utimens` (the file
+//! changed now). A symlink is an object whose body is the target and whose mode has the
+//! `S_IFLNK` type bits, as in s3fs.
 //!
 //! Values that do not parse are ignored (the defaults apply), never an error: metadata is
 //! written by other tools too.

@@ -502,6 +502,18 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Wait until `/healthz` answers `code`: whether it did, and the last body it answered.
+fn healthz_turns(addr: &str, code: u16, timeout: Duration) -> (bool, String) {
+    let mut last = String::new();
+    let turned = wait_for(timeout, || {
+        http_get(addr, "/healthz").is_some_and(|(answered, body)| {
+            last = body;
+            answered == code
+        })
+    });
+    (turned, last)
+}
+
 fn scrape(addr: &str) -> String {
     let (code, text) = http_get(addr, "/metrics").expect("metrics endpoint answers");
     assert_eq!(code, 200, "{text}");
@@ -595,12 +607,7 @@ async fn metrics_count_requests_and_healthz_follows_s3_and_the_mount() {
 
     // S3 goes away: /healthz says so within the probe interval, and recovers with S3.
     proxy.set_down(true);
-    let mut last = String::new();
-    let down = wait_for(Duration::from_secs(40), || {
-        let (code, body) = http_get(&addr, "/healthz").unwrap();
-        last = body;
-        code == 503
-    });
+    let (down, last) = healthz_turns(&addr, 503, Duration::from_secs(40));
     assert!(
         down,
         "healthz stayed {last:?} with S3 down\n{}",
@@ -620,13 +627,7 @@ async fn metrics_count_requests_and_healthz_follows_s3_and_the_mount() {
     proxy.set_down(true);
     // SAFETY: plain kill(2) on the test's own child.
     unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
-    let mut last = String::new();
-    let draining = wait_for(Duration::from_secs(20), || {
-        http_get(&addr, "/healthz").is_some_and(|(code, body)| {
-            last = body;
-            code == 503
-        })
-    });
+    let (draining, last) = healthz_turns(&addr, 503, Duration::from_secs(20));
     assert!(
         draining,
         "healthz during the drain: {last:?}\n{}",

@@ -415,6 +415,26 @@ async fn large_object(
     (memory, counted, fs, original)
 }
 
+/// A filesystem over a new memory store, through a wrapper that counts (and can slow) its
+/// requests.
+fn counted_fs(cache: &std::path::Path) -> (Arc<MemoryStore>, Arc<FaultyStore>, Filesystem) {
+    let memory = Arc::new(MemoryStore::new());
+    let counted = Arc::new(FaultyStore::new(memory.clone()));
+    let fs = Filesystem::new(counted.clone(), String::new(), config(cache)).unwrap();
+    (memory, counted, fs)
+}
+
+/// Wait up to 6 s until `store` has seen `n` calls of `op`; whether it has.
+async fn saw_calls(store: &FaultyStore, op: &str, n: usize) -> bool {
+    for _ in 0..600 {
+        if store.calls(op) >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 async fn open_rw(fs: &Filesystem, name: &str, append: bool) -> u64 {
     let ino = fs.lookup(ROOT_INO, name).await.unwrap().attr.ino;
     let mode = OpenMode {
@@ -545,11 +565,9 @@ async fn a_sparse_file_whose_base_is_replaced_stays_dirty_and_overwrites_nothing
 /// name) was in flight took that upload for another client's and was kept as a conflict copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rewrite_during_the_first_upload_is_no_conflict() {
-    let memory = Arc::new(MemoryStore::new());
-    let slow = Arc::new(FaultyStore::new(memory.clone()));
-    slow.set_latency(Duration::from_millis(300));
     let cache = tempfile::tempdir().unwrap();
-    let fs = Filesystem::new(slow.clone(), String::new(), config(cache.path())).unwrap();
+    let (memory, slow, fs) = counted_fs(cache.path());
+    slow.set_latency(Duration::from_millis(300));
     write_file(&fs, "z", b"first").await;
     tokio::time::sleep(Duration::from_millis(100)).await; // the upload is in flight
     let fh = open_rw(&fs, "z", false).await;
@@ -568,10 +586,8 @@ async fn a_rewrite_during_the_first_upload_is_no_conflict() {
 /// model test found it as an `fsync` error).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_truncate_during_a_multipart_upload_supersedes_it() {
-    let memory = Arc::new(MemoryStore::new());
-    let slow = Arc::new(FaultyStore::new(memory.clone()));
     let cache = tempfile::tempdir().unwrap();
-    let fs = Filesystem::new(slow.clone(), String::new(), config(cache.path())).unwrap();
+    let (memory, slow, fs) = counted_fs(cache.path());
     write_file(&fs, "t", &body(12 << 20, 1)).await;
     let ino = fs.lookup(ROOT_INO, "t").await.unwrap().attr.ino;
     let fh = fs.open(ino, OpenMode::default()).await.unwrap();
@@ -601,10 +617,8 @@ async fn a_truncate_during_a_multipart_upload_supersedes_it() {
 /// upload behind (it would be billed storage no listing shows).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unlinked_file_leaves_no_multipart_upload_behind() {
-    let memory = Arc::new(MemoryStore::new());
-    let counted = Arc::new(FaultyStore::new(memory.clone()));
     let cache = tempfile::tempdir().unwrap();
-    let fs = Filesystem::new(counted.clone(), String::new(), config(cache.path())).unwrap();
+    let (memory, counted, fs) = counted_fs(cache.path());
     let (_, fh) = fs
         .create(ROOT_INO, "u", 0o644, libc::O_WRONLY)
         .await
@@ -612,13 +626,10 @@ async fn an_unlinked_file_leaves_no_multipart_upload_behind() {
     for (i, chunk) in body(12 << 20, 2).chunks(1 << 20).enumerate() {
         fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
     }
-    for _ in 0..600 {
-        if counted.calls("upload_part") >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(counted.calls("upload_part") >= 1, "nothing streamed");
+    assert!(
+        saw_calls(&counted, "upload_part", 1).await,
+        "nothing streamed"
+    );
     fs.unlink(ROOT_INO, "u").await.unwrap();
     close(&fs, fh).await;
     assert_eq!(fs.drain(Duration::from_secs(30)).await, 0);
@@ -639,10 +650,8 @@ async fn an_unlinked_file_leaves_no_multipart_upload_behind() {
 /// published while the file is open, and no multipart upload is left behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_parts_are_voided_by_a_rewrite_and_the_object_is_exact() {
-    let memory = Arc::new(MemoryStore::new());
-    let counted = Arc::new(FaultyStore::new(memory.clone()));
     let cache = tempfile::tempdir().unwrap();
-    let fs = Filesystem::new(counted.clone(), String::new(), config(cache.path())).unwrap();
+    let (memory, counted, fs) = counted_fs(cache.path());
     let mut expected = body(26 << 20, 3);
     let (_, fh) = fs
         .create(ROOT_INO, "f", 0o644, libc::O_WRONLY)
@@ -652,13 +661,10 @@ async fn streamed_parts_are_voided_by_a_rewrite_and_the_object_is_exact() {
         fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
     }
     // 26 MiB in 5 MiB parts: parts 1-4 are complete, 1-3 go up while the file is open.
-    for _ in 0..600 {
-        if counted.calls("upload_part") >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(counted.calls("upload_part") >= 3, "nothing streamed");
+    assert!(
+        saw_calls(&counted, "upload_part", 3).await,
+        "nothing streamed"
+    );
     assert!(
         objects(&memory, "").await.is_empty(),
         "published while open"
